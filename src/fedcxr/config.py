@@ -1,0 +1,113 @@
+"""Typed, frozen configuration read from params.yaml; unknown or mistyped keys are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A params file that does not match the schema; the message names each bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SyntheticConfig(_Section):
+    n_images: int = Field(2500, gt=0)
+    miss_prob: float = Field(0.1, ge=0.0, le=1.0)
+    workers: int = Field(0, ge=0)  # 0 = one per CPU core
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "nih"] = "synthetic"
+    nih_dir: str = "data/raw/nih"
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class IngestConfig(_Section):
+    max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    verify_md5: bool = True
+    workers: int = Field(0, ge=0)
+
+
+class DeidConfig(_Section):
+    on_violation: Literal["fail", "scrub"] = "fail"
+    secret_env: str = "FEDCXR_DEID_SECRET"
+    secret_file: str | None = None
+    max_age: int = Field(89, gt=0)
+
+
+class ResizeConfig(_Section):
+    size: int = Field(512, ge=8, le=4096)
+    shard_images: int = Field(4096, gt=0)
+    workers: int = Field(0, ge=0)
+
+
+class PartitionConfig(_Section):
+    strategy: str = "demographic"
+    test_size: int = Field(10120, gt=0)
+    site_sizes: tuple[int, ...] = (20000, 25000, 15000, 30000, 12000)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    dirichlet_alpha: float = Field(0.5, gt=0.0)
+
+    @field_validator("site_sizes", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("site_sizes")
+    @classmethod
+    def _positive_sizes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError(f"expected a non-empty list of positive image counts, found {value}")
+        return value
+
+
+class Params(_Section):
+    """Every section of params.yaml. Later stages add their sections here."""
+
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    ingest: IngestConfig = IngestConfig()
+    deid: DeidConfig = DeidConfig()
+    resize: ResizeConfig = ResizeConfig()
+    partition: PartitionConfig = PartitionConfig()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}' (check the spelling; see params.yaml)")
+        else:
+            found = item.get("input")
+            lines.append(f"  - '{key}': {item['msg']}; found {found!r} ({type(found).__name__})")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path.resolve()}")
+    with path.open() as fh:
+        data = yaml.safe_load(fh)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, found {type(data).__name__}"
+        )
+    return parse_params(data, str(path))

@@ -1,0 +1,115 @@
+"""Decodes each image once and writes fixed-size uint8 pixels into a few large array shards."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fedcxr.config import ResizeConfig
+from fedcxr.imaging import open_image, to_gray8
+from fedcxr.parallel import pmap
+from fedcxr.sources import ImageItem, iter_images
+
+METHOD = "letterbox to square, then PIL reduce() (exact box average) or LANCZOS"
+
+
+class ResizeError(ValueError):
+    """An image that passed ingest but cannot be found or decoded now (source changed?)."""
+
+
+def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a square with black (no distortion), then shrink or grow to size x size."""
+    h, w = pixels.shape
+    if h != w:
+        side = max(h, w)
+        padded = np.zeros((side, side), dtype=np.uint8)
+        top, left = (side - h) // 2, (side - w) // 2
+        padded[top : top + h, left : left + w] = pixels
+        pixels = padded
+    side = pixels.shape[0]
+    if side == size:
+        return np.ascontiguousarray(pixels)
+    image = Image.fromarray(pixels, mode="L")
+    if side % size == 0:
+        image = image.reduce(side // size)  # area average over exact blocks: fast, alias-free
+    else:
+        image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(image)
+
+
+def decode_resize(item: ImageItem, size: int) -> tuple[str, bytes]:
+    """Decode one image once, convert to 8-bit gray, resize; pixels as raw bytes."""
+    try:
+        pixels = to_gray8(open_image(item.read()))
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ResizeError(f"{item.location}: cannot decode ({exc}); re-run ingest") from exc
+    return item.name, square_resize(pixels, size).tobytes()
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:03d}.npy"
+
+
+def open_shards(folder: Path) -> list[np.ndarray]:
+    """Memory-map every shard of a resized folder (read-only)."""
+    meta = json.loads((folder / "resize.json").read_text())
+    return [np.load(folder / name, mmap_mode="r") for name in meta["shards"]]
+
+
+def resize_all(
+    root: Path, manifest: pd.DataFrame, metadata: pd.DataFrame, cfg: ResizeConfig, out: Path
+) -> dict:
+    """Write out/shard_NNN.npy (N x size x size uint8) and out/index.csv in metadata order."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("shard_*.npy"):
+        old.unlink()
+    n, size = len(metadata), cfg.size
+    names = manifest["image_index"].to_numpy()[metadata["manifest_row"].to_numpy()]
+    position = {name: i for i, name in enumerate(names)}
+    shard_sizes = [min(cfg.shard_images, n - s) for s in range(0, n, cfg.shard_images)]
+    shards = [
+        np.lib.format.open_memmap(
+            out / shard_name(k), mode="w+", dtype=np.uint8, shape=(count, size, size)
+        )
+        for k, count in enumerate(shard_sizes)
+    ]
+    written = np.zeros(n, dtype=bool)
+    items = iter_images(root, verify_md5=False, wanted=set(position))
+    work = partial(decode_resize, size=size)
+    for name, data in pmap(work, items, total=n, workers=cfg.workers, desc="resize"):
+        i = position[name]
+        shard, offset = divmod(i, cfg.shard_images)
+        shards[shard][offset] = np.frombuffer(data, dtype=np.uint8).reshape(size, size)
+        written[i] = True
+    for shard in shards:
+        shard.flush()
+    del shards
+    if not written.all():
+        missing = names[~written][:10].tolist()
+        raise ResizeError(
+            f"{int((~written).sum())} image(s) listed by ingest were not found under {root}, "
+            f"e.g. {missing}; the source changed since ingest: run `dvc repro` again"
+        )
+    index = pd.DataFrame(
+        {
+            "image_id": metadata["image_id"].to_numpy(),
+            "shard": np.arange(n) // cfg.shard_images,
+            "offset": np.arange(n) % cfg.shard_images,
+        }
+    )
+    index.to_csv(out / "index.csv", index=False, lineterminator="\n")
+    summary = {
+        "size": size,
+        "images": n,
+        "method": METHOD,
+        "dtype": "uint8",
+        "shards": [shard_name(k) for k in range(len(shard_sizes))],
+        "shard_images": cfg.shard_images,
+    }
+    (out / "resize.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary

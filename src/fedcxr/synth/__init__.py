@@ -1,0 +1,1 @@
+"""Synthetic radiographs for the embedded default data set."""

@@ -1,0 +1,139 @@
+"""The embedded default data set: real NIH metadata rows with synthetic radiographs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fedcxr.config import SyntheticConfig
+from fedcxr.labels import FINDINGS
+from fedcxr.metadata import embedded_metadata_path, read_bboxes
+from fedcxr.parallel import pmap
+from fedcxr.partition import fill_exact
+from fedcxr.synth.render import N_SCANNERS, RenderSpec, drawn_findings, render
+
+METADATA_NAME = "Data_Entry_2017.csv"
+IMAGE_SIZE = 1024
+
+
+def stable_int(*parts: object) -> int:
+    """A 63-bit integer from the parts, identical in every process (unlike hash())."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_by_patient(raw: pd.DataFrame, n_images: int, seed: int) -> pd.DataFrame:
+    """Exactly n_images rows, keeping every image of each sampled patient."""
+    if n_images >= len(raw):
+        return raw.copy()
+    rng = np.random.default_rng([seed, 11])
+    counts = raw.groupby("Patient ID", sort=False).size()
+    chosen = fill_exact(
+        counts.to_numpy(), rng.gumbel(size=(len(counts), 2)), [n_images, len(raw) - n_images], rng
+    )
+    keep = set(counts.index[chosen == 0])
+    return raw[raw["Patient ID"].isin(keep)].sort_values("Image Index", kind="stable")
+
+
+def scanner_for(patient_id: str, view: str, seed: int) -> int:
+    """Portable (AP) and fixed (PA) machines differ; a patient tends to stay on one of each."""
+    half = N_SCANNERS // 2
+    pick = stable_int(seed, "scanner", patient_id, view) % half
+    return pick + (half if view == "AP" else 0)
+
+
+def build_specs(rows: pd.DataFrame, bboxes: pd.DataFrame, cfg: SyntheticConfig, seed: int):
+    """One RenderSpec per metadata row (columns in NIH's own names)."""
+    boxes_by_image: dict[str, list[tuple[str, float, float, float, float]]] = {}
+    for b in bboxes.itertuples(index=False):
+        boxes_by_image.setdefault(b.image_index, []).append((b.finding, b.x, b.y, b.w, b.h))
+    specs = []
+    for row in rows.itertuples(index=False):
+        image, pid = row[0], str(row[3])
+        labels = tuple(x for x in str(row[1]).split("|") if x in FINDINGS)
+        age = float(row[4]) if str(row[4]).strip().isdigit() else 50.0
+        specs.append(
+            RenderSpec(
+                patient_seed=stable_int(seed, "patient", pid),
+                image_seed=stable_int(seed, "image", image),
+                labels=labels,
+                boxes=tuple(boxes_by_image.get(image, ())),
+                view=str(row[6]),
+                age=age,
+                sex=str(row[5]),
+                scanner=scanner_for(pid, str(row[6]), seed),
+                miss_prob=cfg.miss_prob,
+            )
+        )
+    return specs
+
+
+@dataclass(frozen=True)
+class _Job:
+    spec: RenderSpec
+    path: str
+
+
+def _render_one(job: _Job) -> tuple[str, ...]:
+    pixels = render(job.spec, IMAGE_SIZE)
+    Image.fromarray(pixels, mode="L").save(job.path, format="PNG", compress_level=1)
+    return drawn_findings(job.spec)
+
+
+def write_nih_csv(rows: pd.DataFrame, path: Path) -> None:
+    """NIH's 2017 layout: the header ends with a comma (an empty trailing column)."""
+    text = rows.to_csv(index=False, lineterminator="\n")
+    lines = text.splitlines()
+    path.write_text("\n".join(line + "," for line in lines) + "\n")
+
+
+def synthesize(out_dir: Path, cfg: SyntheticConfig, seed: int) -> dict:
+    """Write an NIH-format folder (metadata CSV + 1024x1024 PNGs) and return its summary."""
+    raw = pd.read_csv(embedded_metadata_path(), dtype=str, keep_default_na=False)
+    rows = sample_by_patient(raw, cfg.n_images, seed)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    images = out_dir / "images"
+    images.mkdir(parents=True)
+    write_nih_csv(rows, out_dir / METADATA_NAME)
+    specs = build_specs(rows, read_bboxes(), cfg, seed)
+    jobs = [_Job(s, str(images / name)) for s, name in zip(specs, rows["Image Index"], strict=True)]
+    drawn_counts = dict.fromkeys(FINDINGS, 0)
+    for drawn in pmap(
+        _render_one, jobs, total=len(jobs), workers=cfg.workers, desc="synthesize", chunksize=8
+    ):
+        for finding in drawn:
+            drawn_counts[finding] += 1
+    labelled = {
+        f: int(rows["Finding Labels"].str.split("|").map(lambda ls, f=f: f in ls).sum())
+        for f in FINDINGS
+    }
+    summary = {
+        "source": "NIH ChestX-ray14 metadata shipped in the torchxrayvision wheel "
+        "(Data_Entry_2017_v2020.csv.gz); pixels are synthetic",
+        "seed": seed,
+        "config": cfg.model_dump(mode="json"),
+        "images": len(rows),
+        "patients": int(rows["Patient ID"].nunique()),
+        "image_size": IMAGE_SIZE,
+        "labelled": labelled,
+        "drawn_in_pixels": drawn_counts,
+    }
+    (out_dir / "SYNTHETIC.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def write_placeholder(out_dir: Path, nih_dir: str) -> None:
+    """With data.source=nih nothing is rendered; the folder only says so."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    note = {"source": "nih", "nih_dir": nih_dir, "note": "data.source is 'nih': nothing rendered"}
+    (out_dir / "SYNTHETIC.json").write_text(json.dumps(note, indent=2, sort_keys=True) + "\n")
