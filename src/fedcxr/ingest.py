@@ -15,6 +15,19 @@ from fedcxr.parallel import pmap
 from fedcxr.sources import ImageItem, count_images, find_archives, iter_images
 
 MAX_LISTED = 20
+CHECK_COLUMNS = (
+    "image_index",
+    "location",
+    "sha256",
+    "bytes",
+    "chunks",
+    "status",
+    "reason",
+    "width",
+    "height",
+    "mode",
+    "converted_from",
+)
 
 
 class IngestError(ValueError):
@@ -108,10 +121,10 @@ def ingest(root: Path, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
             )
         elif record["status"] != "ok":
             problems.append(record)
-    checks = pd.DataFrame.from_records([records[n] for n in meta["image_index"] if n in records])
-    ok = set(checks.loc[checks["status"] == "ok", "image_index"]) if len(checks) else set()
-    manifest = meta[meta["image_index"].isin(ok)].merge(checks, on="image_index", how="left")
-    manifest = manifest.drop(columns=["status", "reason"])
+    usable = [records[n] for n in meta["image_index"] if records.get(n, {}).get("status") == "ok"]
+    checks = pd.DataFrame.from_records(usable, columns=CHECK_COLUMNS)
+    checks = checks.astype({"bytes": "int64", "width": "int64", "height": "int64"})
+    manifest = meta.merge(checks, on="image_index", how="inner").drop(columns=["status", "reason"])
     problems.sort(key=lambda p: (p["status"], p["image_index"]))
     n_bad = len(problems)
     fraction = n_bad / max(len(meta), 1)

@@ -69,8 +69,11 @@ def resize_all(
     for old in out.glob("shard_*.npy"):
         old.unlink()
     n, size = len(metadata), cfg.size
-    names = manifest["image_index"].to_numpy()[metadata["manifest_row"].to_numpy()]
+    rows = metadata["manifest_row"].to_numpy()
+    names = manifest["image_index"].to_numpy()[rows]
     position = {name: i for i, name in enumerate(names)}
+    # Only the copy ingest checked and hashed (a name may also exist elsewhere as a duplicate).
+    accepted = dict(zip(names, manifest["location"].to_numpy()[rows], strict=True))
     shard_sizes = [min(cfg.shard_images, n - s) for s in range(0, n, cfg.shard_images)]
     shards = [
         np.lib.format.open_memmap(
@@ -79,7 +82,11 @@ def resize_all(
         for k, count in enumerate(shard_sizes)
     ]
     written = np.zeros(n, dtype=bool)
-    items = iter_images(root, verify_md5=False, wanted=set(position))
+    items = (
+        item
+        for item in iter_images(root, verify_md5=False, wanted=set(position))
+        if item.location == accepted[item.name]
+    )
     work = partial(decode_resize, size=size)
     for name, data in pmap(work, items, total=n, workers=cfg.workers, desc="resize"):
         i = position[name]
