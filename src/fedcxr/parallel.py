@@ -14,6 +14,21 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _run_batch(fn: Callable[[T], R], batch: list[T]) -> list[R]:
+    return [fn(item) for item in batch]
+
+
 def n_workers(requested: int = 0) -> int:
     """0 means one worker per CPU this process may use."""
     if requested > 0:
@@ -55,16 +70,18 @@ def pmap(
         # A bounded window of pending tasks keeps memory flat when items carry image bytes
         # (Pool.imap would read the whole input ahead).
         ctx = get_context("forkserver")
-        window = max(2, workers * chunksize * 2)
+        window = max(2, workers * 3)  # batches in flight
         with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
             pending: deque = deque()
-            for item in items:
-                pending.append(pool.apply_async(fn, (item,)))
+            for batch in _batches(items, chunksize):
+                pending.append(pool.apply_async(_run_batch, (fn, batch)))
                 if len(pending) >= window:
-                    yield pending.popleft().get()
-                    bar.update()
+                    results = pending.popleft().get()
+                    yield from results
+                    bar.update(len(results))
             while pending:
-                yield pending.popleft().get()
-                bar.update()
+                results = pending.popleft().get()
+                yield from results
+                bar.update(len(results))
     finally:
         bar.close()

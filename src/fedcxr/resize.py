@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +23,20 @@ class ResizeError(ValueError):
 
 def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
     """Pad to a square with black (no distortion), then shrink or grow to size x size."""
-    h, w = pixels.shape
+    return square_resize_image(Image.fromarray(np.ascontiguousarray(pixels), mode="L"), size)
+
+
+def square_resize_image(image: Image.Image, size: int) -> np.ndarray:
+    """square_resize on an 8-bit PIL image, without a copy through numpy on the fast path."""
+    w, h = image.size
     if h != w:
         side = max(h, w)
-        padded = np.zeros((side, side), dtype=np.uint8)
-        top, left = (side - h) // 2, (side - w) // 2
-        padded[top : top + h, left : left + w] = pixels
-        pixels = padded
-    side = pixels.shape[0]
+        canvas = Image.new("L", (side, side), 0)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = canvas
+    side = image.size[0]
     if side == size:
-        return np.ascontiguousarray(pixels)
-    image = Image.fromarray(pixels, mode="L")
+        return np.asarray(image)
     if side % size == 0:
         image = image.reduce(side // size)  # area average over exact blocks: fast, alias-free
     else:
@@ -42,13 +44,32 @@ def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def decode_resize(item: ImageItem, size: int) -> tuple[str, bytes]:
-    """Decode one image once, convert to 8-bit gray, resize; pixels as raw bytes."""
+def decode_resize(item: ImageItem, size: int) -> np.ndarray:
+    """Decode one image once, convert to 8-bit gray, resize to size x size."""
     try:
-        pixels = to_gray8(open_image(item.read()))
+        image = open_image(item.read())
+        if image.mode != "L":
+            image = Image.fromarray(to_gray8(image), mode="L")
     except (OSError, ValueError, SyntaxError) as exc:
         raise ResizeError(f"{item.location}: cannot decode ({exc}); re-run ingest") from exc
-    return item.name, square_resize(pixels, size).tobytes()
+    return square_resize_image(image, size)
+
+
+_OPEN_SHARDS: dict[str, np.ndarray] = {}
+
+
+def _write_to_shard(task: tuple[ImageItem, str, int, int]) -> str:
+    """Worker: decode one image and write it straight into its slot of a shard file.
+
+    Writing through a shared memory map (instead of returning pixels to the parent) keeps
+    the parent idle, so the stage runs at decode speed.
+    """
+    item, shard_path, offset, size = task
+    shard = _OPEN_SHARDS.get(shard_path)
+    if shard is None:
+        shard = _OPEN_SHARDS[shard_path] = np.load(shard_path, mmap_mode="r+")
+    shard[offset] = decode_resize(item, size)
+    return item.name
 
 
 def shard_name(k: int) -> str:
@@ -75,27 +96,29 @@ def resize_all(
     # Only the copy ingest checked and hashed (a name may also exist elsewhere as a duplicate).
     accepted = dict(zip(names, manifest["location"].to_numpy()[rows], strict=True))
     shard_sizes = [min(cfg.shard_images, n - s) for s in range(0, n, cfg.shard_images)]
-    shards = [
+    shard_paths = [str(out / shard_name(k)) for k in range(len(shard_sizes))]
+    for path, count in zip(shard_paths, shard_sizes, strict=True):
         np.lib.format.open_memmap(
-            out / shard_name(k), mode="w+", dtype=np.uint8, shape=(count, size, size)
-        )
-        for k, count in enumerate(shard_sizes)
-    ]
+            path, mode="w+", dtype=np.uint8, shape=(count, size, size)
+        ).flush()
     written = np.zeros(n, dtype=bool)
-    items = (
-        item
+    tasks = (
+        (
+            item,
+            shard_paths[position[item.name] // cfg.shard_images],
+            position[item.name] % cfg.shard_images,
+            size,
+        )
         for item in iter_images(root, verify_md5=False, wanted=set(position))
         if item.location == accepted[item.name]
     )
-    work = partial(decode_resize, size=size)
-    for name, data in pmap(work, items, total=n, workers=cfg.workers, desc="resize"):
-        i = position[name]
-        shard, offset = divmod(i, cfg.shard_images)
-        shards[shard][offset] = np.frombuffer(data, dtype=np.uint8).reshape(size, size)
-        written[i] = True
-    for shard in shards:
-        shard.flush()
-    del shards
+    try:
+        for name in pmap(_write_to_shard, tasks, total=n, workers=cfg.workers, desc="resize"):
+            written[position[name]] = True
+    finally:
+        for shard in _OPEN_SHARDS.values():
+            shard.flush()
+        _OPEN_SHARDS.clear()
     if not written.all():
         missing = names[~written][:10].tolist()
         raise ResizeError(
