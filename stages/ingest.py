@@ -3,12 +3,17 @@
 from pathlib import Path
 
 from fedcxr.config import Params
-from fedcxr.ingest import IngestError, ingest
+from fedcxr.ingest import IngestError, ingest, public_summary
 from fedcxr.sources import source_root
 from fedcxr.stageio import run_stage, write_json
 
 OUT = Path("data/ingest")
 REPORT = Path("reports/ingest.json")
+
+
+def _write_reports(report: dict) -> None:
+    write_json(OUT / "details.json", report)  # names files: stays with the data, not in git
+    write_json(REPORT, public_summary(report))
 
 
 def main(params: Params) -> None:
@@ -17,11 +22,11 @@ def main(params: Params) -> None:
         manifest, report = ingest(root, params.ingest)
     except IngestError as exc:
         if hasattr(exc, "report"):
-            write_json(REPORT, exc.report)
+            _write_reports(exc.report)
         raise
     OUT.mkdir(parents=True, exist_ok=True)
     manifest.to_csv(OUT / "manifest.csv", index=False, lineterminator="\n")
-    write_json(REPORT, report)
+    _write_reports(report)
     print(
         f"ingest: {report['usable']} usable of {report['metadata_rows']} rows; "
         f"{report['problems']['count']} problem(s) -> {OUT / 'manifest.csv'}, {REPORT}"

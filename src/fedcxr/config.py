@@ -18,7 +18,7 @@ class _Section(BaseModel):
 
 
 class SyntheticConfig(_Section):
-    n_images: int = Field(2500, gt=0)
+    n_images: int = Field(2000, gt=0)
     miss_prob: float = Field(0.1, ge=0.0, le=1.0)
     workers: int = Field(0, ge=0)  # 0 = one per CPU core
 

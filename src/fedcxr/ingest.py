@@ -175,3 +175,15 @@ def ingest(root: Path, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
         error.report = report  # type: ignore[attr-defined]
         raise error
     return manifest.reset_index(drop=True), report
+
+
+def public_summary(report: dict) -> dict:
+    """The report without file names (NIH names embed patient IDs): safe to keep in git.
+
+    The full listing stays beside the manifest, in the site's own DVC-managed data.
+    """
+    summary = json.loads(json.dumps(report))
+    summary["converted_to_gray8"].pop("images", None)
+    summary["problems"].pop("excluded", None)
+    summary["details"] = "data/ingest/details.json (names every converted and excluded file)"
+    return summary
