@@ -80,6 +80,30 @@ def test_dvc_repro_data_stages_cached_and_byte_identical(tiny_repo: Path):
     deid = json.loads((tiny_repo / "reports" / "deid.json").read_text())
     assert deid["passed"] and deid["checks"]["patient_ids"]["development_secret"]
 
+    # split-plan on the raw metadata plans exactly the split the stage built from
+    # pseudonymized rows (map pseudonymous image ids back through deid -> ingest manifest).
+    _run(
+        ["fedcxr", "split-plan", "data/raw/synthetic/Data_Entry_2017.csv", "--out", "PLAN.json"],
+        tiny_repo,
+    )
+    planned = json.loads((tiny_repo / "PLAN.json").read_text())["assignment"]
+    manifest = pd.read_csv(tiny_repo / "data/ingest/manifest.csv", dtype=str)
+    deid_meta = pd.read_csv(tiny_repo / "data/deid/metadata.csv", dtype=str)
+    raw_name = dict(
+        zip(
+            deid_meta["image_id"],
+            manifest["image_index"].to_numpy()[deid_meta["manifest_row"].astype(int)],
+            strict=True,
+        )
+    )
+    built = {}
+    for folder in [*(tiny_repo / "data/sites").iterdir(), tiny_repo / "data/test"]:
+        name = "test" if folder.name == "test" else folder.name
+        for image_id in pd.read_csv(folder / "index.csv", dtype=str)["image_id"]:
+            built[raw_name[image_id]] = name
+    assert built == planned
+    (tiny_repo / "PLAN.json").unlink()
+
     # A second repro reruns nothing.
     second = _run(["dvc", "repro", *DATA_STAGES], tiny_repo)
     assert "Running stage" not in second.stdout

@@ -55,20 +55,25 @@ def build_specs(rows: pd.DataFrame, bboxes: pd.DataFrame, cfg: SyntheticConfig, 
     for b in bboxes.itertuples(index=False):
         boxes_by_image.setdefault(b.image_index, []).append((b.finding, b.x, b.y, b.w, b.h))
     specs = []
-    for row in rows.itertuples(index=False):
-        image, pid = row[0], str(row[3])
-        labels = tuple(x for x in str(row[1]).split("|") if x in FINDINGS)
-        age = float(row[4]) if str(row[4]).strip().isdigit() else 50.0
+    columns = [
+        "Image Index",
+        "Finding Labels",
+        "Patient ID",
+        "Patient Age",
+        "Patient Gender",
+        "View Position",
+    ]
+    for image, findings, pid, age, sex, view in rows[columns].itertuples(index=False):
         specs.append(
             RenderSpec(
                 patient_seed=stable_int(seed, "patient", pid),
                 image_seed=stable_int(seed, "image", image),
-                labels=labels,
+                labels=tuple(x for x in findings.split("|") if x in FINDINGS),
                 boxes=tuple(boxes_by_image.get(image, ())),
-                view=str(row[6]),
-                age=age,
-                sex=str(row[5]),
-                scanner=scanner_for(pid, str(row[6]), seed),
+                view=view,
+                age=float(age) if age.strip().isdigit() else 50.0,
+                sex=sex,
+                scanner=scanner_for(pid, view, seed),
                 miss_prob=cfg.miss_prob,
             )
         )
@@ -119,7 +124,7 @@ def synthesize(out_dir: Path, cfg: SyntheticConfig, seed: int) -> dict:
         "source": "NIH ChestX-ray14 metadata shipped in the torchxrayvision wheel "
         "(Data_Entry_2017_v2020.csv.gz); pixels are synthetic",
         "seed": seed,
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude={"workers"}),
         "images": len(rows),
         "patients": int(rows["Patient ID"].nunique()),
         "image_size": IMAGE_SIZE,
