@@ -6,7 +6,7 @@ import pandas as pd
 
 from fedcxr.config import Params
 from fedcxr.deid import DeidError, deidentify, resolve_secret
-from fedcxr.stageio import run_stage, write_json
+from fedcxr.stageio import resolved, run_stage, write_json
 
 MANIFEST = Path("data/ingest/manifest.csv")
 OUT = Path("data/deid")
@@ -23,6 +23,7 @@ def main(params: Params) -> None:
         if hasattr(exc, "report"):
             write_json(REPORT, exc.report)
         raise
+    report["params"] = resolved(params.deid)
     OUT.mkdir(parents=True, exist_ok=True)
     metadata.to_csv(OUT / "metadata.csv", index=False, lineterminator="\n")
     write_json(REPORT, report)

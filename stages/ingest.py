@@ -5,7 +5,7 @@ from pathlib import Path
 from fedcxr.config import Params
 from fedcxr.ingest import IngestError, ingest, public_summary
 from fedcxr.sources import source_root
-from fedcxr.stageio import run_stage, write_json
+from fedcxr.stageio import resolved, run_stage, write_json
 
 OUT = Path("data/ingest")
 REPORT = Path("reports/ingest.json")
@@ -22,8 +22,9 @@ def main(params: Params) -> None:
         manifest, report = ingest(root, params.ingest)
     except IngestError as exc:
         if hasattr(exc, "report"):
-            _write_reports(exc.report)
+            _write_reports(exc.report | {"params": resolved(params.ingest)})
         raise
+    report["params"] = resolved(params.ingest) | {"source": params.data.source}
     OUT.mkdir(parents=True, exist_ok=True)
     manifest.to_csv(OUT / "manifest.csv", index=False, lineterminator="\n")
     _write_reports(report)

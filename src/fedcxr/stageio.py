@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from fedcxr.config import ConfigError, Params, load_params
 
 
@@ -29,3 +31,11 @@ def run_stage(name: str, body: Callable[[Params], None], params_path: str = "par
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"\n[{name}] failed: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def resolved(*sections: BaseModel) -> dict[str, Any]:
+    """The resolved configuration to save beside an output (speed-only keys left out)."""
+    out: dict[str, Any] = {}
+    for section in sections:
+        out.update(section.model_dump(mode="json", exclude={"workers"}))
+    return out
