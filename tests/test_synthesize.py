@@ -83,3 +83,24 @@ def test_synthetic_folder_passes_ingest_through_the_real_code(folder):
     for name in manifest["image_index"]:
         pixels = np.asarray(Image.open(out / "images" / name))
         assert 20 < pixels.mean() < 235 and pixels.std() > 20
+
+
+def test_enrich_raises_the_share_of_patients_with_a_finding(raw):
+    plain = sample_by_patient(raw, 3000, seed=2)
+    enriched = sample_by_patient(raw, 3000, seed=2, enrich={"Pneumonia": 10.0})
+    share = {
+        name: rows["Finding Labels"].str.contains("Pneumonia").mean()
+        for name, rows in (("plain", plain), ("enriched", enriched))
+    }
+    assert len(enriched) == 3000
+    assert share["enriched"] > 2 * share["plain"]
+    # whole patients still
+    assert len(raw[raw["Patient ID"].isin(set(enriched["Patient ID"]))]) == 3000
+
+
+def test_enrich_rejects_unknown_findings_and_weights_below_one():
+    from fedcxr.config import ConfigError, parse_params
+
+    for bad in ({"Pneumonitis": 2.0}, {"Pneumonia": 0.5}):
+        with pytest.raises(ConfigError, match=r"data\.synthetic\.enrich"):
+            parse_params({"data": {"synthetic": {"enrich": bad}}})

@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedcxr.labels import FINDINGS
+
 
 class ConfigError(ValueError):
     """A params file that does not match the schema; the message names each bad key."""
@@ -20,7 +22,21 @@ class _Section(BaseModel):
 class SyntheticConfig(_Section):
     n_images: int = Field(2000, gt=0)
     miss_prob: float = Field(0.1, ge=0.0, le=1.0)
+    # Finding -> how many times likelier a patient with that finding is sampled (default: none,
+    # so prevalence stays NIH's). Useful when a small set must hold enough rare positives.
+    enrich: dict[str, float] = Field(default_factory=dict)
     workers: int = Field(0, ge=0)  # 0 = one per CPU core
+
+    @field_validator("enrich")
+    @classmethod
+    def _known_findings(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(FINDINGS))
+        if unknown:
+            raise ValueError(f"unknown finding(s) {unknown}; expected any of {list(FINDINGS)}")
+        low = {k: v for k, v in value.items() if v < 1.0}
+        if low:
+            raise ValueError(f"weights must be >= 1, found {low}")
+        return value
 
 
 class DataConfig(_Section):

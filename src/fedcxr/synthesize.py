@@ -29,15 +29,28 @@ def stable_int(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def sample_by_patient(raw: pd.DataFrame, n_images: int, seed: int) -> pd.DataFrame:
-    """Exactly n_images rows, keeping every image of each sampled patient."""
+def sample_by_patient(
+    raw: pd.DataFrame, n_images: int, seed: int, enrich: dict[str, float] | None = None
+) -> pd.DataFrame:
+    """Exactly n_images rows, keeping every image of each sampled patient.
+
+    `enrich` makes patients with a given finding (in any of their images) that many times
+    likelier to be drawn; without it every patient is equally likely.
+    """
     if n_images >= len(raw):
         return raw.copy()
     rng = np.random.default_rng([seed, 11])
-    counts = raw.groupby("Patient ID", sort=False).size()
-    chosen = fill_exact(
-        counts.to_numpy(), rng.gumbel(size=(len(counts), 2)), [n_images, len(raw) - n_images], rng
-    )
+    grouped = raw.groupby("Patient ID", sort=False)
+    counts = grouped.size()
+    scores = rng.gumbel(size=(len(counts), 2))
+    if enrich:
+        findings = grouped["Finding Labels"].agg("|".join)
+        weight = np.ones(len(counts))
+        for finding, factor in sorted(enrich.items()):
+            has = findings.str.split("|").map(lambda labels, f=finding: f in labels).to_numpy()
+            weight = np.where(has, np.maximum(weight, factor), weight)
+        scores[:, 0] += np.log(weight)
+    chosen = fill_exact(counts.to_numpy(), scores, [n_images, len(raw) - n_images], rng)
     keep = set(counts.index[chosen == 0])
     return raw[raw["Patient ID"].isin(keep)].sort_values("Image Index", kind="stable")
 
@@ -102,7 +115,7 @@ def write_nih_csv(rows: pd.DataFrame, path: Path) -> None:
 def synthesize(out_dir: Path, cfg: SyntheticConfig, seed: int) -> dict:
     """Write an NIH-format folder (metadata CSV + 1024x1024 PNGs) and return its summary."""
     raw = pd.read_csv(embedded_metadata_path(), dtype=str, keep_default_na=False)
-    rows = sample_by_patient(raw, cfg.n_images, seed)
+    rows = sample_by_patient(raw, cfg.n_images, seed, cfg.enrich)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     images = out_dir / "images"
