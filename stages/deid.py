@@ -20,7 +20,7 @@ def main(params: Params) -> None:
     try:
         metadata, report = deidentify(manifest, params.deid, secret)
     except DeidError as exc:
-        if hasattr(exc, "report"):
+        if exc.report is not None:
             write_json(REPORT, exc.report)
         raise
     report["params"] = resolved(params.deid)

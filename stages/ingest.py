@@ -21,7 +21,7 @@ def main(params: Params) -> None:
     try:
         manifest, report = ingest(root, params.ingest)
     except IngestError as exc:
-        if hasattr(exc, "report"):
+        if exc.report is not None:
             _write_reports(exc.report | {"params": resolved(params.ingest)})
         raise
     report["params"] = resolved(params.ingest) | {"source": params.data.source}

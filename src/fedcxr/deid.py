@@ -90,6 +90,10 @@ _PHI_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 class DeidError(ValueError):
     """De-identification violations found with deid.on_violation=fail."""
 
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report  # the stage's report, written even when the stage fails
+
 
 @dataclass(frozen=True)
 class Secret:
@@ -313,12 +317,11 @@ def deidentify(
         "output_columns": list(OUTPUT_COLUMNS),
     }
     if not passed and not scrub:
-        error = DeidError(
+        raise DeidError(
             f"{violations} de-identification violation(s): {len(extra)} column(s) "
             f"off the allow-list {extra}, {len(chunk_violations)} PHI-looking PNG chunk(s), "
             f"{len(bad_names)} non-NIH file name(s). See the de-identification report; set "
-            "deid.on_violation: scrub to remove them."
+            "deid.on_violation: scrub to remove them.",
+            report=report,
         )
-        error.report = report  # type: ignore[attr-defined]
-        raise error
     return clean, report

@@ -33,6 +33,10 @@ CHECK_COLUMNS = (
 class IngestError(ValueError):
     """Too many images are missing, damaged or unmatched; the message names them."""
 
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report  # the stage's report, written even when the stage fails
+
 
 def inspect_image(item: ImageItem) -> dict:
     """Decode one image fully and describe it: hash, size, mode, damage, metadata chunks."""
@@ -166,14 +170,13 @@ def ingest(root: Path, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
         },
     }
     if fraction > cfg.max_bad_fraction:
-        error = IngestError(
+        raise IngestError(
             f"{n_bad} of {len(meta)} metadata rows/images in {root} have problems "
             f"({fraction:.2%} > ingest.max_bad_fraction={cfg.max_bad_fraction}):\n"
             f"{_listing(problems)}\n"
-            "Fix or remove these files, or raise ingest.max_bad_fraction to exclude them."
+            "Fix or remove these files, or raise ingest.max_bad_fraction to exclude them.",
+            report=report,
         )
-        error.report = report  # type: ignore[attr-defined]
-        raise error
     return manifest.reset_index(drop=True), report
 
 
