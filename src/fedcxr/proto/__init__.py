@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the federation protocol (fedcxr.proto; scripts/gen_proto.sh)."""
