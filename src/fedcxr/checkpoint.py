@@ -1,0 +1,49 @@
+"""Atomic per-round checkpoints of the global model, so a killed federation resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+META_KEY = "fedcxr"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (damaged, or written by something else)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state: dict[str, torch.Tensor]
+    round: int  # the last completed round (0 = initial model)
+    meta: dict[str, Any]  # strategy state, config hash, per-site accountant history, ...
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], rnd: int, meta: dict) -> None:
+    """Write to a temporary file, fsync, then rename: a crash never leaves a half checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    payload = json.dumps({"round": rnd, **meta}, sort_keys=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata={META_KEY: payload})
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})[META_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a fedcxr checkpoint ({exc})") from exc
+    rnd = int(meta.pop("round"))
+    return Checkpoint(state=state, round=rnd, meta=meta)
