@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -144,6 +144,145 @@ def check_params(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{path}: ok")
+
+
+pki_app = typer.Typer(
+    help="The federation's PKI: a CA, the aggregator's server certificate, one client certificate "
+    "per site (ECDSA P-256, PEM files for grpc's mutual TLS). Keep the folder out of git and DVC.",
+    no_args_is_help=True,
+)
+app.add_typer(pki_app, name="pki")
+audit_app = typer.Typer(
+    help="The federation's append-only, hash-chained audit log (JSONL).",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
+
+PkiDirOption = Annotated[Path, typer.Option("--dir", help="PKI folder holding ca.pem and ca.key.")]
+
+
+def _pki_fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(1)
+
+
+@pki_app.command("init")
+def pki_init(
+    folder: Annotated[Path, typer.Argument(help="Folder to create ca.pem and ca.key in.")],
+    name: Annotated[str, typer.Option(help="The CA's common name.")] = "fedcxr federation CA",
+    days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = 3650,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing CA (invalidates its certs).")
+    ] = False,
+) -> None:
+    """Create the federation CA: ca.pem (certificate) and ca.key (private key, mode 0600)."""
+    from fedcxr.pki import PkiError, fingerprint, init_ca
+
+    try:
+        files = init_ca(folder, name, days, force=force)
+    except PkiError as exc:
+        raise _pki_fail(exc) from None
+    typer.echo(f"CA {name!r} -> {files.cert} (key {files.key}, mode 0600)")
+    typer.echo(f"fingerprint: {fingerprint(files.cert.read_bytes())}")
+
+
+@pki_app.command("issue")
+def pki_issue(
+    common_name: Annotated[
+        str, typer.Argument(help="Site name (like site-a) or the server's name (aggregator).")
+    ],
+    folder: PkiDirOption = Path("pki"),
+    role: Annotated[
+        Literal["site", "server"],
+        typer.Option(help="site: client certificate; server: the aggregator's certificate."),
+    ] = "site",
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="Extra DNS name or IP the server answers on (repeatable); "
+            "localhost, 127.0.0.1 and ::1 are always included.",
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = 825,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write <name>.pem/.key (default: --dir).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+) -> None:
+    """Issue a certificate and key signed by the CA in --dir: <name>.pem and <name>.key (0600)."""
+    from fedcxr.pki import PkiError, describe, issue
+
+    try:
+        files = issue(folder, common_name, role, host or (), days, out=out, force=force)
+    except PkiError as exc:
+        raise _pki_fail(exc) from None
+    info = describe(files.cert.read_bytes())
+    typer.echo(f"{role} certificate {common_name!r} -> {files.cert} (key {files.key}, mode 0600)")
+    typer.echo(f"fingerprint: {info.fingerprint}")
+    typer.echo(f"valid until: {info.not_after:%Y-%m-%d %H:%M} UTC")
+    typer.echo(f"names: {', '.join([*info.dns_names, *info.ip_addresses])}")
+
+
+@pki_app.command("show")
+def pki_show(
+    cert: Annotated[Path, typer.Argument(help="A PEM certificate (ca.pem, site-a.pem, ...).")],
+    ca: Annotated[
+        Path | None,
+        typer.Option(help="CA to check the certificate against (default: ca.pem beside it)."),
+    ] = None,
+) -> None:
+    """Print a certificate's common name, fingerprint, validity and issuer; check its chain."""
+    import datetime as dt
+
+    from fedcxr.pki import CA_CERT, PkiError, describe, verify_chain
+
+    try:
+        pem = cert.read_bytes()
+        info = describe(pem)
+    except (OSError, PkiError) as exc:
+        raise _pki_fail(f"{cert}: {exc}" if isinstance(exc, PkiError) else exc) from None
+    now = dt.datetime.now(dt.UTC)
+    left = (info.not_after - now).days
+    state = f"expires in {left} days" if info.not_after > now else "EXPIRED"
+    kind = "CA" if info.is_ca else ", ".join(info.usages) or "no extended key usage"
+    typer.echo(f"common name: {info.common_name}")
+    typer.echo(f"kind:        {kind}")
+    typer.echo(f"issuer:      {info.issuer}")
+    typer.echo(f"fingerprint: {info.fingerprint}")
+    typer.echo(f"valid from:  {info.not_before:%Y-%m-%d %H:%M} UTC")
+    typer.echo(f"valid until: {info.not_after:%Y-%m-%d %H:%M} UTC ({state})")
+    names = [f"DNS:{d}" for d in info.dns_names] + [f"IP:{i}" for i in info.ip_addresses]
+    if names:
+        typer.echo(f"names:       {', '.join(names)}")
+    ca_path = ca if ca is not None else cert.parent / CA_CERT
+    if ca is None and (not ca_path.is_file() or ca_path.resolve() == cert.resolve()):
+        return
+    try:
+        verify_chain(pem, ca_path.read_bytes())
+    except (OSError, PkiError) as exc:
+        typer.echo(f"chain:       BROKEN against {ca_path}: {exc}")
+        raise typer.Exit(1) from None
+    typer.echo(f"chain:       ok (signed by {ca_path}, in date)")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    log: Annotated[Path, typer.Argument(help="The audit log (JSONL) to check.")],
+) -> None:
+    """Check the hash chain of an audit log; exit 0 if intact, 1 at the first broken line."""
+    from fedcxr.audit import verify
+
+    try:
+        result = verify(log)
+    except OSError as exc:
+        typer.echo(f"error: cannot read audit log {log}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not result.ok:
+        typer.echo(f"BROKEN at line {result.first_bad_line}: {result.reason} ({log})")
+        raise typer.Exit(1)
+    typer.echo(f"ok: {result.entries} entries, chain intact ({log})")
+    typer.echo(f"last hash: {result.last_hash}")
 
 
 if __name__ == "__main__":  # pragma: no cover
