@@ -1,0 +1,573 @@
+"""The aggregator: a thread-safe federation core and the mutual-TLS gRPC server around it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from fedcxr import audit as ev
+from fedcxr.audit import AuditLog
+from fedcxr.checkpoint import load_checkpoint, save_checkpoint
+from fedcxr.pki import TlsBundle, fingerprint
+from fedcxr.proto import fedcxr_pb2 as pb
+from fedcxr.proto import fedcxr_pb2_grpc as pb_grpc
+from fedcxr.strategies import SiteUpdate, check_update, get_strategy
+from fedcxr.transport import (
+    TransferError,
+    bytes_to_state,
+    from_chunks,
+    sha256_hex,
+    state_to_bytes,
+    to_chunks,
+)
+
+State = dict[str, torch.Tensor]
+
+# Both ends ping every 30 s on idle connections (long local rounds, NAT/firewall idle timeouts);
+# the server accepts pings as often as every 10 s, so the clients' pings never count as strikes.
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+DEFAULT_POLL_S = 5.0
+
+
+class FederationError(RuntimeError):
+    """A federation that cannot start or go on (bad checkpoint, unknown site, ...)."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What NextTask answers, without gRPC: kind is "WAIT", "TRAIN" or "STOP"."""
+
+    kind: str
+    round: int = 0
+    model_sha256: str = ""
+    config_json: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    name: str
+    n_train: int
+    n_val: int
+    cert_fingerprint: str
+    software_version: str
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    accepted: bool
+    reason: str
+    sha256: str
+
+
+def _strict_json_obj(text: str, what: str) -> dict[str, Any]:
+    """Parse a JSON object, rejecting NaN/Infinity (the audit log and DVCLive need plain JSON)."""
+    if not text:
+        return {}
+
+    def reject(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        value = json.loads(text, parse_constant=reject)
+    except ValueError as exc:
+        raise ValueError(f"{what}: not strict JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+class FederationState:
+    """Rounds, sites and the global model; every public method is safe to call from any thread.
+
+    Rounds start once every allowed site has joined. In round r each site is told TRAIN(r, sha of
+    the global model); the round closes when every site has either submitted an accepted update
+    or been refused, and the accepted ones are aggregated in site-id order. After each round the
+    checkpoint is written atomically, so a killed federation resumes after its last round.
+    """
+
+    def __init__(
+        self,
+        initial_state: State,
+        *,
+        sites: Sequence[str],
+        rounds: int,
+        strategy: str,
+        round_config: dict[str, Any],
+        audit: AuditLog,
+        checkpoint: Path,
+        resume: bool = False,
+        federation_id: str = "fedcxr",
+        stop_after_round: int | None = None,
+        on_round_completed: Callable[[int, State], None] | None = None,
+    ) -> None:
+        if not sites:
+            raise FederationError("a federation needs at least one site on its allow-list")
+        if len(set(sites)) != len(sites):
+            raise FederationError(f"duplicate site names in the allow-list {list(sites)}")
+        if rounds < 1:
+            raise FederationError(f"rounds must be at least 1, found {rounds}")
+        self.sites: tuple[str, ...] = tuple(sorted(sites))
+        self.rounds = rounds
+        self.strategy = get_strategy(strategy)
+        self.federation_id = federation_id
+        self.config_json = json.dumps(
+            {"strategy": self.strategy.name, **round_config}, sort_keys=True, allow_nan=False
+        )
+        self.audit = audit
+        self.checkpoint = Path(checkpoint)
+        self.stop_after_round = stop_after_round
+        self._on_round_completed = on_round_completed
+        self._cond = threading.Condition()
+        self.history: list[dict[str, Any]] = []
+        self.joined: dict[str, SiteInfo] = {}
+        self._told_stop: set[str] = set()
+        self.halted = False
+
+        start_round = 1
+        global_state = {k: v.detach().to("cpu").clone() for k, v in initial_state.items()}
+        if self.checkpoint.exists():
+            if not resume:
+                raise FederationError(
+                    f"{self.checkpoint} already exists: pass resume=True to continue that "
+                    f"federation, or remove it to start a new one"
+                )
+            ckpt = load_checkpoint(self.checkpoint)
+            if ckpt.meta.get("strategy") != self.strategy.name:
+                raise FederationError(
+                    f"{self.checkpoint}: written by strategy {ckpt.meta.get('strategy')!r}, "
+                    f"this federation uses {self.strategy.name!r}"
+                )
+            problems = check_update(global_state, SiteUpdate("checkpoint", 1, ckpt.state), None)
+            if problems:
+                raise FederationError(
+                    f"{self.checkpoint}: does not match the model: {'; '.join(problems)}"
+                )
+            global_state = ckpt.state
+            start_round = ckpt.round + 1
+            self.history = list(ckpt.meta.get("history", []))
+            audit.append("federation_resumed", from_round=start_round, checkpoint=str(checkpoint))
+        self._global = global_state
+        self.round = start_round  # the round in progress (rounds + 1 once finished)
+        self.finished = start_round > rounds
+        self._set_model()
+        # Per round: site -> outcome record; accepted updates waiting for aggregation.
+        self._outcomes: dict[str, dict[str, Any]] = {}
+        self._updates: dict[str, SiteUpdate] = {}
+        self._bytes_sent: dict[str, int] = {}
+        self._round_started = 0.0
+        self._round_open = False
+        if self.finished:
+            audit.append(ev.FEDERATION_FINISHED, rounds=rounds)
+
+    # ------------------------------------------------------------------ helpers (lock held)
+
+    def _set_model(self) -> None:
+        self._payload = state_to_bytes(self._global)
+        self._sha = sha256_hex(self._payload)
+        # An update is the same model with other values: a generous bound on its size.
+        self.max_update_bytes = 2 * len(self._payload) + (1 << 20)
+
+    def _all_joined(self) -> bool:
+        return set(self.joined) == set(self.sites)
+
+    def _open_round(self) -> None:
+        if self._round_open or self.finished or self.halted or not self._all_joined():
+            return
+        self._round_open = True
+        self._round_started = time.monotonic()
+        self._outcomes, self._updates, self._bytes_sent = {}, {}, {}
+        self.audit.append(
+            ev.MODEL_BROADCAST, round=self.round, sha256=self._sha, bytes=len(self._payload)
+        )
+        self._cond.notify_all()
+
+    def _task_for(self, site: str) -> TaskInfo:
+        if self.finished:
+            self._told_stop.add(site)
+            self._cond.notify_all()
+            return TaskInfo("STOP", round=self.rounds, message="federation finished")
+        if self.halted:
+            return TaskInfo("WAIT", message=f"stopped after round {self.round - 1}")
+        if not self._round_open:
+            missing = sorted(set(self.sites) - set(self.joined))
+            return TaskInfo("WAIT", message=f"waiting for sites to join: {missing}")
+        if site in self._outcomes:
+            return TaskInfo("WAIT", round=self.round, message=f"round {self.round} in progress")
+        return TaskInfo("TRAIN", self.round, self._sha, self.config_json)
+
+    def _settle(self, site: str, outcome: dict[str, Any]) -> None:
+        """Record a site's outcome for the current round; close the round if it was the last."""
+        outcome["bytes_sent"] = self._bytes_sent.get(site, 0)
+        self._outcomes[site] = outcome
+        self._cond.notify_all()
+        if set(self._outcomes) == set(self.sites):
+            self._close_round()
+
+    def _close_round(self) -> None:
+        rnd = self.round
+        accepted = [self._updates[s] for s in self.sites if s in self._updates]
+        if accepted:
+            self._global = self.strategy.aggregate(accepted)
+            self._set_model()
+        record = {
+            "round": rnd,
+            "wall_s": round(time.monotonic() - self._round_started, 6),
+            "model_sha256": self._sha,
+            "sites": {s: self._outcomes[s] for s in self.sites},
+        }
+        self.history.append(record)
+        save_checkpoint(
+            self.checkpoint,
+            self._global,
+            rnd,
+            {
+                "strategy": self.strategy.name,
+                "federation_id": self.federation_id,
+                "sites": list(self.sites),
+                "history": self.history,
+            },
+        )
+        if accepted:
+            self.audit.append(
+                ev.AGGREGATED,
+                round=rnd,
+                sha256=self._sha,
+                strategy=self.strategy.name,
+                sites=[u.site for u in accepted],
+            )
+        self.audit.append(ev.ROUND_COMPLETED, round=rnd, accepted=len(accepted))
+        if self._on_round_completed is not None:
+            self._on_round_completed(rnd, {k: v.clone() for k, v in self._global.items()})
+        self._round_open = False
+        self.round = rnd + 1
+        if rnd >= self.rounds:
+            self.finished = True
+            self.audit.append(ev.FEDERATION_FINISHED, rounds=self.rounds)
+        elif self.stop_after_round is not None and rnd >= self.stop_after_round:
+            self.halted = True
+        self._open_round()
+        self._cond.notify_all()
+
+    def _refuse(self, site: str, rnd: int, reason: str, settle: bool) -> UploadResult:
+        self.audit.append(ev.UPDATE_REFUSED, round=rnd, site=site, reason=reason)
+        if settle:
+            self._settle(site, {"accepted": False, "reason": reason})
+        return UploadResult(False, reason, "")
+
+    # ------------------------------------------------------------------ public API
+
+    def refuse_join(self, peer: str, reason: str, **fields: Any) -> None:
+        self.audit.append(ev.JOIN_REFUSED, peer=peer, reason=reason, **fields)
+
+    def join(
+        self, site: str, n_train: int, n_val: int, cert_fingerprint: str, software_version: str
+    ) -> str:
+        """Admit an allowed site (a re-join after a restart replaces its record); the config."""
+        if site not in self.sites:
+            reason = f"common name {site!r} is not on the allow-list {list(self.sites)}"
+            self.refuse_join(site, reason)
+            raise PermissionError(reason)
+        if n_train <= 0 or n_val < 0:
+            reason = f"site {site!r} declared n_train={n_train}, n_val={n_val}"
+            self.refuse_join(site, reason)
+            raise ValueError(reason)
+        with self._cond:
+            self.joined[site] = SiteInfo(site, n_train, n_val, cert_fingerprint, software_version)
+            self.audit.append(
+                ev.SITE_JOINED,
+                site=site,
+                cert_fingerprint=cert_fingerprint,
+                n_train=n_train,
+                n_val=n_val,
+                software_version=software_version,
+            )
+            self._open_round()
+            self._cond.notify_all()
+        return self.config_json
+
+    def next_task(self, site: str, timeout: float = DEFAULT_POLL_S) -> TaskInfo:
+        """Long-poll: the site's task now if it has one, else WAIT after at most `timeout` s."""
+        with self._cond:
+            if site not in self.joined:
+                raise LookupError(f"site {site!r} has not joined this aggregator; join first")
+            self._cond.wait_for(lambda: self._task_for(site).kind != "WAIT", timeout=timeout)
+            return self._task_for(site)
+
+    def model_for(self, site: str, rnd: int) -> bytes:
+        """The global model's safetensors bytes for the round in progress."""
+        with self._cond:
+            if site not in self.joined:
+                raise LookupError(f"site {site!r} has not joined this aggregator; join first")
+            if not self._round_open or rnd != self.round:
+                raise ValueError(
+                    f"site {site!r} asked for the model of round {rnd}; "
+                    f"round in progress: {self.round if self._round_open else 'none'}"
+                )
+            self._bytes_sent[site] = self._bytes_sent.get(site, 0) + len(self._payload)
+            return self._payload
+
+    def refuse_transfer(self, site: str, rnd: int, reason: str) -> UploadResult:
+        """A broken upload stream: refuse it, and count it as the site's outcome if current."""
+        with self._cond:
+            current = self._round_open and rnd == self.round and site not in self._outcomes
+            return self._refuse(site, rnd, reason, settle=current and site in self.joined)
+
+    def submit(
+        self, site: str, rnd: int, n_examples: int, metrics_json: str, payload: bytes
+    ) -> UploadResult:
+        """Validate and record a site's update for round `rnd`; may close the round."""
+        try:
+            state: State | None = bytes_to_state(payload)
+            parse_error = ""
+        except TransferError as exc:
+            state, parse_error = None, str(exc)
+        with self._cond:
+            if site not in self.joined:
+                return self._refuse(site, rnd, "site has not joined", settle=False)
+            if not self._round_open or rnd != self.round:
+                now = self.round if self._round_open else "none"
+                return self._refuse(
+                    site, rnd, f"update for round {rnd}, round in progress: {now}", settle=False
+                )
+            if site in self._outcomes:
+                return self._refuse(
+                    site, rnd, f"a second update for round {rnd} (one per round)", settle=False
+                )
+            problems = [parse_error] if parse_error else []
+            try:
+                metrics = _strict_json_obj(metrics_json, "metrics_json")
+            except ValueError as exc:
+                metrics = {}
+                problems.append(str(exc))
+            if state is not None:
+                update = SiteUpdate(site, int(n_examples), state)
+                problems += check_update(self._global, update, self.joined[site].n_train)
+            if problems:
+                return self._refuse(site, rnd, "; ".join(problems), settle=True)
+            assert state is not None
+            sha = sha256_hex(payload)
+            self._updates[site] = SiteUpdate(site, int(n_examples), state)
+            self.audit.append(
+                ev.UPDATE_RECEIVED,
+                round=rnd,
+                site=site,
+                sha256=sha,
+                n_k=int(n_examples),
+                bytes=len(payload),
+            )
+            self._settle(
+                site,
+                {
+                    "accepted": True,
+                    "n_k": int(n_examples),
+                    "metrics": metrics,
+                    "bytes_received": len(payload),
+                    "sha256": sha,
+                },
+            )
+            return UploadResult(True, "", sha)
+
+    def global_state(self) -> State:
+        with self._cond:
+            return {k: v.clone() for k, v in self._global.items()}
+
+    def done(self) -> bool:
+        """Halted, or finished with every joined site told to stop."""
+        return self.halted or (self.finished and self._told_stop >= set(self.joined))
+
+    def wait(self, timeout: float | None = None, stop_grace_s: float = 30.0) -> bool:
+        """Block until done(); once finished, wait at most `stop_grace_s` for the STOPs."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self.done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if self.finished:
+                    grace = stop_grace_s if left is None else min(left, stop_grace_s)
+                    self._cond.wait_for(self.done, timeout=grace)
+                    return True
+                self._cond.wait(timeout=left)
+            return True
+
+    def describe(self) -> str:
+        with self._cond:
+            missing = sorted(set(self.sites) - set(self.joined))
+            pending = sorted(set(self.sites) - set(self._outcomes)) if self._round_open else []
+            return (
+                f"round {self.round}/{self.rounds}, finished={self.finished}, "
+                f"not joined: {missing}, no update yet: {pending}"
+            )
+
+
+# ---------------------------------------------------------------------------- gRPC layer
+
+
+def _peer_cn(context: grpc.ServicerContext) -> str:
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else ""
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    """The Federation service: identity from the client certificate, work from the core."""
+
+    def __init__(self, state: FederationState, poll_s: float = DEFAULT_POLL_S) -> None:
+        self.state = state
+        self.poll_s = poll_s
+
+    def _site(self, context: grpc.ServicerContext) -> str:
+        cn = _peer_cn(context)
+        if not cn:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate common name")
+        if cn not in self.state.sites:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"site {cn!r} is not on the allow-list"
+            )
+        return cn
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        cn = _peer_cn(context)
+        if not cn:
+            self.state.refuse_join(context.peer(), "no client certificate common name")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate common name")
+        pems = context.auth_context().get("x509_pem_cert") or []
+        fp = fingerprint(pems[0]) if pems else ""
+        try:
+            config = self.state.join(
+                cn, request.n_train, request.n_val, fp, request.software_version
+            )
+        except PermissionError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.JoinReply(site=cn, federation_id=self.state.federation_id, config_json=config)
+
+    def NextTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        site = self._site(context)
+        left = context.time_remaining()
+        timeout = self.poll_s if left is None else max(0.0, min(self.poll_s, left - 1.0))
+        try:
+            task = self.state.next_task(site, timeout=timeout)
+        except LookupError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.Task(
+            kind=pb.Task.Kind.Value(task.kind),
+            round=task.round,
+            model_sha256=task.model_sha256,
+            config_json=task.config_json,
+            message=task.message,
+        )
+
+    def DownloadModel(
+        self, request: pb.ModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        site = self._site(context)
+        try:
+            payload = self.state.model_for(site, request.round)
+        except (LookupError, ValueError) as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        yield from to_chunks(payload)
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        site = self._site(context)
+        header: pb.UpdateHeader | None = None
+
+        def tracked() -> Iterator[pb.Chunk]:
+            nonlocal header
+            for chunk in request_iterator:
+                if header is None and chunk.HasField("header"):
+                    header = chunk.header
+                yield chunk
+
+        try:
+            header, data = from_chunks(
+                tracked(), max_bytes=self.state.max_update_bytes, what=f"update from {site!r}"
+            )
+        except TransferError as exc:
+            rnd = header.round if header is not None else 0
+            result = self.state.refuse_transfer(site, rnd, str(exc))
+            return pb.UploadReply(accepted=False, reason=result.reason)
+        if header is None:
+            result = self.state.refuse_transfer(site, 0, "upload without an UpdateHeader")
+            return pb.UploadReply(accepted=False, reason=result.reason)
+        result = self.state.submit(site, header.round, header.n_examples, header.metrics_json, data)
+        return pb.UploadReply(accepted=result.accepted, reason=result.reason, sha256=result.sha256)
+
+
+def server_credentials(tls: TlsBundle) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(tls.private_key, tls.certificate_chain)],
+        root_certificates=tls.root_certificates,
+        require_client_auth=True,
+    )
+
+
+def serve(
+    state: FederationState,
+    tls: TlsBundle,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    poll_s: float = DEFAULT_POLL_S,
+) -> tuple[grpc.Server, int]:
+    """Start the mutual-TLS server (port 0 picks a free one); return (server, bound port)."""
+    workers = 8 + 2 * len(state.sites)  # each long-poll holds a thread for up to poll_s
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedcxr-agg"),
+        options=KEEPALIVE_OPTIONS,
+    )
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(state, poll_s), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, server_credentials(tls))
+    except RuntimeError as exc:
+        raise FederationError(f"cannot listen on {address}: {exc}") from None
+    if bound == 0:
+        raise FederationError(f"cannot listen on {address} (in use?)")
+    server.start()
+    return server, bound
+
+
+def run_aggregator(
+    state: FederationState,
+    tls: TlsBundle,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    poll_s: float = DEFAULT_POLL_S,
+    timeout_s: float | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    grace_s: float = 5.0,
+) -> list[dict[str, Any]]:
+    """Serve until the federation finished (or halted), stop gracefully, return the history."""
+    server, bound = serve(state, tls, host, port, poll_s=poll_s)
+    try:
+        if on_ready is not None:
+            on_ready(bound)
+        if not state.wait(timeout=timeout_s):
+            raise FederationError(
+                f"federation on port {bound} did not finish within {timeout_s} s: "
+                f"{state.describe()}"
+            )
+    finally:
+        # A halted federation is stopped like a kill: no grace for calls in flight.
+        server.stop(None if state.halted else grace_s).wait()
+    return state.history
