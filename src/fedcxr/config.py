@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from fedcxr.labels import FINDINGS
 
@@ -84,6 +91,41 @@ class PartitionConfig(_Section):
         return value
 
 
+class ModelConfig(_Section):
+    arch: str = "smallcnn"  # a name in fedcxr.models.MODELS; checked when the model is built
+    pretrained: bool = False
+
+
+class TrainConfig(_Section):
+    lr: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(32, gt=0)
+    image_size: int = Field(128, ge=8, le=4096)  # must be <= resize.size (checked in Params)
+    epochs: int = Field(2, gt=0)  # pooled training epochs; federated training uses fl.*
+    num_workers: int = Field(0, ge=0)
+    seeds: tuple[int, ...] = (42,)
+    augment: bool = True
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("seeds")
+    @classmethod
+    def _non_empty(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("expected a non-empty list of integer seeds, found []")
+        return value
+
+
+class DPConfig(_Section):
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    target_epsilon: float | None = Field(None, gt=0.0)  # set: noise is calibrated to reach it
+
+
 class Params(_Section):
     """Every section of params.yaml. Later stages add their sections here."""
 
@@ -93,6 +135,21 @@ class Params(_Section):
     deid: DeidConfig = DeidConfig()
     resize: ResizeConfig = ResizeConfig()
     partition: PartitionConfig = PartitionConfig()
+    task: Literal["multilabel", "pneumonia"] = "multilabel"
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    dp: DPConfig = DPConfig()
+
+    @field_validator("train")
+    @classmethod
+    def _image_size_fits(cls, value: TrainConfig, info: ValidationInfo) -> TrainConfig:
+        resize = info.data.get("resize")
+        if resize is not None and value.image_size > resize.size:
+            raise ValueError(
+                f"expected image_size <= resize.size (training down-samples the resized "
+                f"images), found image_size={value.image_size} > resize.size={resize.size}"
+            )
+        return value
 
 
 def _describe(error: ValidationError, source: str) -> str:

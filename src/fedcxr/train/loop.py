@@ -1,0 +1,311 @@
+"""The one training loop (pooled, site-local, federated, DP), prediction, AUROC and DP wrapping."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fedcxr.config import DPConfig, TrainConfig
+from fedcxr.labels import FINDINGS
+from fedcxr.train.data import pos_weight
+
+ADAM_BETAS = (0.9, 0.999)
+ACCOUNTANT = "rdp"  # Opacus' RDP accountant (matches Google's dp-accounting; see DESIGN.md)
+OPACUS_PREFIX = "_module."
+
+
+@dataclass
+class TrainSetup:
+    """Everything one training process holds; `epochs_done` seeds each epoch's augmentation."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    device: torch.device
+    amp: bool  # CUDA fast path: bf16 autocast + channels_last (off on CPU and under DP)
+    epochs_done: int = 0
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float  # mean data loss per example (the FedProx term is not included)
+    examples: int
+    steps: int
+    seconds: float
+
+
+# --- device, threads, seeds -----------------------------------------------------------------
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_process(n_processes: int, cores: int | None = None) -> int:
+    """Torch threads for each of n_processes sharing the machine: max(1, cores // n)."""
+    if n_processes < 1:
+        raise ValueError(f"expected n_processes >= 1, found {n_processes}")
+    return max(1, (cores if cores is not None else available_cores()) // n_processes)
+
+
+def pick_device(threads: int | None = None) -> torch.device:
+    """CUDA when available, else CPU with `threads` torch threads (default: all cores)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(threads if threads is not None else available_cores())
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool | None = None) -> None:
+    """Seed python, numpy and torch; deterministic kernels on CPU (default) or when asked."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic is None:
+        deterministic = not torch.cuda.is_available()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def _amp_ok(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- setup and the loop ---------------------------------------------------------------------
+
+
+def make_setup(
+    model: nn.Module, cfg: TrainConfig, task: str, labels: np.ndarray, device: torch.device
+) -> TrainSetup:
+    """Adam(lr, betas 0.9/0.999) and BCE-with-logits (pos_weight for pneumonia) on `device`."""
+    amp = _amp_ok(device)
+    model = model.to(device)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    weight = pos_weight(task, labels)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if weight is None else weight.to(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
+    return TrainSetup(model, optimizer, loss_fn, device, amp)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside an Opacus GradSampleModule (or the model itself)."""
+    return model._module if isinstance(model, GradSampleModule) else model
+
+
+def _prox_grad(model: nn.Module, center: dict[str, Tensor], mu: float) -> Callable[[], None]:
+    """Adds mu * (w - w_center), the gradient of (mu/2)||w - w_center||^2, to each p.grad."""
+    params = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    missing = [n for n, _ in params if n not in center]
+    if missing:
+        raise KeyError(
+            f"prox_center lacks parameter(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            "expected the plain state_dict (plain_state_dict) of the same architecture"
+        )
+    pairs = [(p, center[n].to(p.device, p.dtype)) for n, p in params]
+
+    def add() -> None:
+        with torch.no_grad():
+            for p, c in pairs:
+                if p.grad is not None:
+                    p.grad.add_(p - c, alpha=mu)
+
+    return add
+
+
+def _step(optimizer: torch.optim.Optimizer, before_update: Callable[[], None] | None) -> None:
+    """optimizer.step(), running `before_update` on the final (for DP: privatised) gradient.
+
+    A FedProx term added to the loss would be silently dropped under DP: Opacus rebuilds
+    p.grad from per-sample gradients of the data loss. Its gradient depends only on the
+    weights and the (public) global model, so it is added after clipping and noise.
+    """
+    if isinstance(optimizer, DPOptimizer):
+        if not optimizer.pre_step():  # clip, noise, scale, account; False = skipped step
+            return
+        if before_update is not None:
+            before_update()
+        optimizer.original_optimizer.step()
+    else:
+        if before_update is not None:
+            before_update()
+        optimizer.step()
+
+
+def _batches(loader: DataLoader, progress: bool, desc: str) -> Iterator:
+    return iter(tqdm(loader, desc=desc, leave=False)) if progress else iter(loader)
+
+
+def train_epoch(
+    setup: TrainSetup,
+    loader: DataLoader,
+    *,
+    prox_center: dict[str, Tensor] | None = None,
+    prox_mu: float = 0.0,
+    progress: bool = False,
+) -> EpochStats:
+    """One pass over `loader`; adds the FedProx term (mu/2)||w - center||^2 when center given."""
+    set_epoch = getattr(loader.dataset, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(setup.epochs_done)
+    prox = _prox_grad(setup.model, prox_center, prox_mu) if prox_center and prox_mu else None
+    model, device = setup.model, setup.device
+    model.train()
+    start = time.perf_counter()
+    total, examples, steps = 0.0, 0, 0
+    for x, y in _batches(loader, progress, f"epoch {setup.epochs_done + 1}"):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if setup.amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        setup.optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, setup.amp):
+            logits = model(x)
+        loss = setup.loss_fn(logits.float(), y)
+        loss.backward()
+        _step(setup.optimizer, prox)
+        n = len(x)
+        if n:  # Poisson sampling (DP) can give empty batches; their loss is NaN
+            total += loss.item() * n
+            examples += n
+        steps += 1
+    setup.epochs_done += 1
+    seconds = time.perf_counter() - start
+    return EpochStats(total / max(examples, 1), examples, steps, seconds)
+
+
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid probabilities and labels for every example of `loader` (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    amp = _amp_ok(device)
+    probs, labels = [], []
+    with torch.no_grad():
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, amp):
+                logits = model(x)
+            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+            labels.append(y.numpy())
+    model.train(was_training)
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def label_names(n_labels: int) -> list[str]:
+    """Finding names for 14 columns, ['Pneumonia'] for 1, label_<i> otherwise."""
+    if n_labels == len(FINDINGS):
+        return list(FINDINGS)
+    if n_labels == 1:
+        return ["Pneumonia"]
+    return [f"label_{i}" for i in range(n_labels)]
+
+
+def evaluate_auroc(
+    probs: np.ndarray, labels: np.ndarray, names: Sequence[str] | None = None
+) -> dict:
+    """{'per_label': {name: AUROC or None}, 'macro': mean over defined labels or None}.
+
+    A label whose y_true holds a single class has no AUROC; it is reported as None and left
+    out of the macro mean.
+    """
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    if probs.shape != labels.shape:
+        raise ValueError(
+            f"expected probs and labels of the same shape, found {probs.shape} and {labels.shape}"
+        )
+    names = list(names) if names is not None else label_names(labels.shape[1])
+    if len(names) != labels.shape[1]:
+        raise ValueError(f"expected {labels.shape[1]} label names, found {len(names)}")
+    per_label: dict[str, float | None] = {}
+    for j, name in enumerate(names):
+        y = labels[:, j]
+        defined = len(np.unique(y)) == 2
+        per_label[name] = float(roc_auc_score(y, probs[:, j])) if defined else None
+    scores = [v for v in per_label.values() if v is not None]
+    return {"per_label": per_label, "macro": float(np.mean(scores)) if scores else None}
+
+
+# --- differential privacy -------------------------------------------------------------------
+
+
+def make_private(
+    setup: TrainSetup, loader: DataLoader, dp_cfg: DPConfig, epochs_total: int
+) -> tuple[TrainSetup, DataLoader, PrivacyEngine]:
+    """Wrap model, optimizer and loader for DP-SGD; returns (setup, Poisson loader, engine).
+
+    Call once per run and keep the engine: its accountant composes every step, so
+    engine.get_epsilon(dp.delta) is the run's epsilon so far. With dp.target_epsilon the
+    noise is calibrated for `epochs_total` epochs (all rounds x local epochs), not one.
+    """
+    if epochs_total < 1:
+        raise ValueError(f"expected epochs_total >= 1, found {epochs_total}")
+    errors = ModuleValidator.validate(unwrap(setup.model), strict=False)
+    if errors:
+        raise ValueError(
+            f"{type(setup.model).__name__} cannot be trained with Opacus ({len(errors)} "
+            f"problem(s), first: {errors[0]}); expected a model from "
+            "build_model(..., dp_safe=True) or make_dp_safe(model)"
+        )
+    model = setup.model.to(memory_format=torch.contiguous_format)
+    engine = PrivacyEngine(accountant=ACCOUNTANT)
+    common = {
+        "module": model,
+        "optimizer": setup.optimizer,
+        "data_loader": loader,
+        "max_grad_norm": dp_cfg.max_grad_norm,
+        "poisson_sampling": True,
+        "grad_sample_mode": "hooks",
+    }
+    if dp_cfg.target_epsilon is not None:
+        model, optimizer, private_loader = engine.make_private_with_epsilon(
+            target_epsilon=dp_cfg.target_epsilon,
+            target_delta=dp_cfg.delta,
+            epochs=epochs_total,
+            **common,
+        )
+    else:
+        model, optimizer, private_loader = engine.make_private(
+            noise_multiplier=dp_cfg.noise_multiplier, **common
+        )
+    return replace(setup, model=model, optimizer=optimizer, amp=False), private_loader, engine
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """state_dict without Opacus' `_module.` prefix, detached copies (safe to keep as center)."""
+    return {
+        k.removeprefix(OPACUS_PREFIX): v.detach().clone() for k, v in model.state_dict().items()
+    }
+
+
+def load_plain_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a plain (or `_module.`-prefixed) state_dict into a wrapped or unwrapped model."""
+    plain = {k.removeprefix(OPACUS_PREFIX): v for k, v in state.items()}
+    unwrap(model).load_state_dict(plain, strict=True)
