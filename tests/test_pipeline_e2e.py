@@ -53,6 +53,7 @@ def tiny_repo(tmp_path: Path) -> Path:
     params["data"]["synthetic"]["n_images"] = 48
     params["resize"]["size"] = 64
     params["resize"]["shard_images"] = 16
+    params["train"]["image_size"] = 32  # must stay <= resize.size (the exp below sets 32)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["git", "config", "user.email", "test@localhost"], repo)
