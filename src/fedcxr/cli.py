@@ -285,5 +285,106 @@ def audit_verify(
     typer.echo(f"last hash: {result.last_hash}")
 
 
+aggregator_app = typer.Typer(
+    help="The federation's aggregator (gRPC server, mutual TLS): serve the rounds to the sites.",
+    no_args_is_help=True,
+)
+app.add_typer(aggregator_app, name="aggregator")
+site_app = typer.Typer(
+    help="A hospital's site worker: dials out to the aggregator and trains on local data only.",
+    no_args_is_help=True,
+)
+app.add_typer(site_app, name="site")
+
+
+@aggregator_app.command("serve")
+def aggregator_serve(
+    sites: Annotated[
+        str, typer.Option("--sites", help="Allowed site names, comma-separated (site-a,site-b).")
+    ],
+    pki: Annotated[
+        Path, typer.Option("--pki", help="PKI folder: CA and certificates (created if missing).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Output folder: audit log, checkpoint, model, history."),
+    ],
+    params: ParamsOption = Path("params.yaml"),
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default: fl.host).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on; 0 = any free (default: fl.port).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from OUT/checkpoint.safetensors.")
+    ] = False,
+) -> None:
+    """Run the aggregator alone, for sites on other machines; write the summary to OUT.
+
+    Issues any missing certificates in --pki (hand each site its <site>.pem, <site>.key and
+    ca.pem), listens until fl.rounds rounds are done, then writes model.safetensors,
+    history.json and summary.json in --out.
+    """
+    from fedcxr.federation.aggregator import FederationError
+    from fedcxr.federation.runner import serve_aggregator
+    from fedcxr.pki import PkiError
+
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    if not names:
+        raise typer.BadParameter("expected at least one site name", param_hint="--sites")
+
+    def ready(bound: int) -> None:
+        typer.echo(f"aggregator listening on port {bound} for sites {names}")
+
+    try:
+        summary = serve_aggregator(
+            _params(params), names, out, pki, resume=resume, host=host, port=port, on_ready=ready
+        )
+    except (FederationError, PkiError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    write_json(out / "summary.json", summary)
+    typer.echo(f"{summary['rounds']} rounds done -> {out}")
+
+
+@site_app.command("run")
+def site_run(
+    aggregator: Annotated[str, typer.Option("--aggregator", help="The aggregator's HOST:PORT.")],
+    ca: Annotated[Path, typer.Option("--ca", help="The federation CA certificate (ca.pem).")],
+    cert: Annotated[Path, typer.Option("--cert", help="This site's certificate (PEM).")],
+    key: Annotated[Path, typer.Option("--key", help="This site's private key (PEM).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="This site's folder (images.npy + index.csv).")
+    ],
+    params: ParamsOption = Path("params.yaml"),
+    n_sites: Annotated[
+        int, typer.Option("--n-sites", min=1, help="Site processes sharing this machine's CPUs.")
+    ] = 1,
+    state: Annotated[
+        Path | None,
+        typer.Option("--state", help="Folder to keep the DP accountant in across restarts."),
+    ] = None,
+) -> None:
+    """Join the federation as this site and train every round on local data until told to stop.
+
+    The site's identity is its certificate's common name; only weights and metrics leave it.
+    """
+    import logging
+
+    from fedcxr.federation.runner import run_site_process, tls_from_files
+    from fedcxr.pki import PkiError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = _params(params)
+    try:
+        tls = tls_from_files(ca, cert, key)
+    except (PkiError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    records = run_site_process(aggregator, tls, data, p, n_sites=n_sites, state_dir=state)
+    typer.echo(f"{data.name}: {len(records)} round(s) trained; federation finished")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

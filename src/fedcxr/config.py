@@ -126,6 +126,16 @@ class DPConfig(_Section):
     target_epsilon: float | None = Field(None, gt=0.0)  # set: noise is calibrated to reach it
 
 
+class FLConfig(_Section):
+    rounds: int = Field(3, gt=0)
+    local_epochs: int = Field(1, gt=0)
+    strategy: str = "fedavg"  # fedavg | fedprox (fedcxr.strategies); checked when the run starts
+    fedprox_mu: float = Field(0.01, ge=0.0)
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0 = any free port
+    round_timeout_s: int = Field(3600, gt=0)
+
+
 class Params(_Section):
     """Every section of params.yaml. Later stages add their sections here."""
 
@@ -139,6 +149,7 @@ class Params(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     dp: DPConfig = DPConfig()
+    fl: FLConfig = FLConfig()
 
     @field_validator("train")
     @classmethod
