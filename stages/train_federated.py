@@ -1,24 +1,58 @@
 """DVC stage `train_federated`: FedAvg/FedProx over gRPC with one process per simulated site."""
 
+import shutil
 from pathlib import Path
 
+from dvclive import Live
+
 from fedcxr.config import Params
-from fedcxr.federation.runner import run_federation
+from fedcxr.federation.runner import CHECKPOINT, changed_training_keys, run_federation
 from fedcxr.stageio import run_stage, write_json
 
 SITES = Path("data/sites")
-OUT = Path("models/federated")
+OUT = Path("models/federated")  # persist: a killed run resumes from its last round
 PKI = Path("pki")  # certificates and keys: kept out of git (.gitignore) and DVC
 REPORT = Path("reports/federated.json")
+TIMINGS = Path("reports/federated_timings.json")
+LIVE = Path("reports/live/federated")
+
+
+def _log_rounds(summary: dict) -> None:
+    """Per-round curves through DVCLive (declared in the root dvc.yaml; dvcyaml=False)."""
+    with Live(str(LIVE), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for record in summary["per_round"]:
+            live.log_metric("val_auroc", record["val_auroc"])
+            live.log_metric("train_loss", record["train_loss"])
+            for site, s in sorted(record["sites"].items()):
+                for key in (
+                    "val_auroc",
+                    "train_loss",
+                    "bytes_to_site",
+                    "bytes_from_site",
+                    "epsilon",
+                ):
+                    if s.get(key) is not None:
+                        live.log_metric(f"{site}/{key}", s[key])
+            live.next_step()
 
 
 def main(params: Params) -> None:
+    changed = changed_training_keys(params, OUT)
+    if (OUT / CHECKPOINT).exists() and changed:
+        # DVC reruns this stage because a parameter changed: a new federation, not a resume.
+        print(f"train_federated: params changed ({', '.join(changed)}): starting a new run")
+        shutil.rmtree(OUT)
     summary = run_federation(params, SITES, OUT, PKI, resume=True)
+    timings = {
+        "wall_s": summary.pop("wall_s"),
+        "round_wall_s": [r.pop("wall_s") for r in summary["per_round"]],
+    }
     write_json(REPORT, summary)
-    last = summary["per_round"][-1] if summary["per_round"] else {}
+    write_json(TIMINGS, timings)
+    _log_rounds(summary)
     print(
         f"train_federated: {summary['rounds']} rounds over {len(summary['sites'])} sites, "
-        f"val AUROC {last.get('val_auroc')}, {summary['wall_s']:.1f}s -> {OUT}, {REPORT}"
+        f"validation AUROC {summary['final_val_auroc']}, {timings['wall_s']:.1f}s -> {OUT}"
     )
 
 

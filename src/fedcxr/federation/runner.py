@@ -300,15 +300,23 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def changed_training_keys(params: Params, out_dir: Path) -> list[str]:
+    """Params keys (other than RESUMABLE_CHANGES) that differ from the run saved in out_dir."""
+    path = out_dir / PARAMS
+    if not path.is_file():
+        return []
+    a = _flat(yaml.safe_load(path.read_text()) or {})
+    b = _flat(params.model_dump(mode="json"))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in changed if k not in RESUMABLE_CHANGES]
+
+
 def _write_params(params: Params, out_dir: Path, resuming: bool) -> Path:
     """Save the resolved params beside the outputs; refuse a resume under changed training keys."""
     path = out_dir / PARAMS
     new = params.model_dump(mode="json")
     if resuming and path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
-        a, b = _flat(old), _flat(new)
-        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        changed = [k for k in changed if k not in RESUMABLE_CHANGES]
+        changed = changed_training_keys(params, out_dir)
         if changed:
             raise FederationError(
                 f"{out_dir / CHECKPOINT} was trained with other params ({', '.join(changed)} "
