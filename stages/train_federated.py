@@ -13,7 +13,7 @@ SITES = Path("data/sites")
 OUT = Path("models/federated")  # persist: a killed run resumes from its last round
 PKI = Path("pki")  # certificates and keys: kept out of git (.gitignore) and DVC
 REPORT = Path("reports/federated.json")
-TIMINGS = Path("reports/federated_timings.json")
+RUN = Path("reports/federated_run.json")  # what varies run to run: times, audit head
 LIVE = Path("reports/live/federated")
 
 
@@ -43,16 +43,17 @@ def main(params: Params) -> None:
         print(f"train_federated: params changed ({', '.join(changed)}): starting a new run")
         shutil.rmtree(OUT)
     summary = run_federation(params, SITES, OUT, PKI, resume=True)
-    timings = {
+    run = {
         "wall_s": summary.pop("wall_s"),
         "round_wall_s": [r.pop("wall_s") for r in summary["per_round"]],
+        "audit_last_hash": summary.pop("audit_last_hash"),  # entries carry timestamps
     }
     write_json(REPORT, summary)
-    write_json(TIMINGS, timings)
+    write_json(RUN, run)
     _log_rounds(summary)
     print(
         f"train_federated: {summary['rounds']} rounds over {len(summary['sites'])} sites, "
-        f"validation AUROC {summary['final_val_auroc']}, {timings['wall_s']:.1f}s -> {OUT}"
+        f"validation AUROC {summary['final_val_auroc']}, {run['wall_s']:.1f}s -> {OUT}"
     )
 
 
