@@ -5,6 +5,7 @@ from pathlib import Path
 
 from dvclive import Live
 
+from fedcxr.checkpoint import load_checkpoint
 from fedcxr.config import Params
 from fedcxr.federation.runner import CHECKPOINT, changed_training_keys, run_federation
 from fedcxr.stageio import run_stage, write_json
@@ -37,11 +38,17 @@ def _log_rounds(summary: dict) -> None:
 
 
 def main(params: Params) -> None:
-    changed = changed_training_keys(params, OUT)
-    if (OUT / CHECKPOINT).exists() and changed:
-        # DVC reruns this stage because a parameter changed: a new federation, not a resume.
-        print(f"train_federated: params changed ({', '.join(changed)}): starting a new run")
-        shutil.rmtree(OUT)
+    # The output persists so that a killed run resumes from its last completed round. DVC
+    # reruns a finished stage only when a parameter or the code changed: then start afresh.
+    if (OUT / CHECKPOINT).exists():
+        changed = changed_training_keys(params, OUT)
+        finished = load_checkpoint(OUT / CHECKPOINT).round >= params.fl.rounds
+        if changed or finished:
+            why = f"params changed ({', '.join(changed)})" if changed else "previous run finished"
+            print(f"train_federated: {why}: starting a new federation")
+            shutil.rmtree(OUT)
+        else:
+            print("train_federated: resuming an interrupted federation")
     summary = run_federation(params, SITES, OUT, PKI, resume=True)
     run = {
         "wall_s": summary.pop("wall_s"),
