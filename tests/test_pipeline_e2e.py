@@ -108,7 +108,8 @@ def test_dvc_repro_data_stages_cached_and_byte_identical(tiny_repo: Path):
     # A second repro reruns nothing.
     second = _run(["dvc", "repro", *DATA_STAGES], tiny_repo)
     assert "Running stage" not in second.stdout
-    assert _run(["dvc", "status"], tiny_repo).stdout.strip().startswith("Data and pipelines are up")
+    status = _run(["dvc", "status", *DATA_STAGES], tiny_repo).stdout.strip()
+    assert status.startswith("Data and pipelines are up"), status
 
     # Deleting every output and the cache, then rebuilding, gives byte-identical outputs.
     shutil.rmtree(tiny_repo / "data")
@@ -121,9 +122,9 @@ def test_dvc_exp_run_reruns_only_touched_stages(tiny_repo: Path):
     _run(["dvc", "repro", *DATA_STAGES], tiny_repo)
     _run(["git", "add", "-A"], tiny_repo)
     _run(["git", "commit", "-qm", "lock"], tiny_repo)
-    result = _run(["dvc", "exp", "run", "-S", "partition.val_fraction=0.2"], tiny_repo)
+    result = _run(["dvc", "exp", "run", "partition", "-S", "partition.val_fraction=0.2"], tiny_repo)
     ran = {s for s in DATA_STAGES if f"Running stage '{s}'" in result.stdout}
     assert ran == {"partition"}, result.stdout
-    result = _run(["dvc", "exp", "run", "-S", "resize.size=32"], tiny_repo)
+    result = _run(["dvc", "exp", "run", "partition", "-S", "resize.size=32"], tiny_repo)
     ran = {s for s in DATA_STAGES if f"Running stage '{s}'" in result.stdout}
     assert ran == {"resize", "partition"}, result.stdout
