@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -16,6 +17,11 @@ from pydantic import (
 )
 
 from fedcxr.labels import FINDINGS
+
+# YAML gives lists; frozen configs hold tuples (strict mode would otherwise refuse the list).
+IntTuple = Annotated[
+    tuple[int, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+]
 
 
 class ConfigError(ValueError):
@@ -74,14 +80,9 @@ class ResizeConfig(_Section):
 class PartitionConfig(_Section):
     strategy: str = "demographic"
     test_size: int = Field(10120, gt=0)
-    site_sizes: tuple[int, ...] = (20000, 25000, 15000, 30000, 12000)
+    site_sizes: IntTuple = (20000, 25000, 15000, 30000, 12000)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     dirichlet_alpha: float = Field(0.5, gt=0.0)
-
-    @field_validator("site_sizes", mode="before")
-    @classmethod
-    def _list_to_tuple(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("site_sizes")
     @classmethod
@@ -102,13 +103,8 @@ class TrainConfig(_Section):
     image_size: int = Field(128, ge=8, le=4096)  # must be <= resize.size (checked in Params)
     epochs: int = Field(2, gt=0)  # pooled training epochs; federated training uses fl.*
     num_workers: int = Field(0, ge=0)
-    seeds: tuple[int, ...] = (42,)
+    seeds: IntTuple = (42,)
     augment: bool = True
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _list_to_tuple(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("seeds")
     @classmethod
