@@ -25,8 +25,8 @@ import grpc
 import torch
 
 from fedcxr.audit import AuditLog
-from fedcxr.federation.aggregator import FederationState, serve
-from fedcxr.federation.site import run_site
+from fedcxr.federation.aggregator import FederationState, serve, server_credentials
+from fedcxr.federation.site import channel_credentials, run_site
 from fedcxr.models import build_model
 from fedcxr.pki import ensure_federation, load_bundle
 from fedcxr.proto import fedcxr_pb2 as pb
@@ -75,22 +75,13 @@ class _Raw(pb_grpc.FederationServicer):
 def raw_throughput(pki: Path, payload: bytes, repeats: int = 3) -> float:
     """MB/s of one chunked TLS stream of the same bytes, no federation logic (best of N)."""
     tls = load_bundle(pki, "aggregator")
-    creds = grpc.ssl_server_credentials(
-        [(tls.private_key, tls.certificate_chain)],
-        root_certificates=tls.root_certificates,
-        require_client_auth=True,
-    )
+    creds = server_credentials(tls)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_FederationServicer_to_server(_Raw(payload), server)
     port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
     site = load_bundle(pki, "site-001")
-    channel = grpc.secure_channel(
-        f"127.0.0.1:{port}",
-        grpc.ssl_channel_credentials(
-            site.root_certificates, site.private_key, site.certificate_chain
-        ),
-    )
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(site))
     best = 0.0
     try:
         stub = pb_grpc.FederationStub(channel)

@@ -26,6 +26,7 @@ from fedcxr.federation.site import run_site
 from fedcxr.models import build_model, num_classes_for
 from fedcxr.pki import CA_CERT, TlsBundle, ensure_federation, load_bundle, verify_chain
 from fedcxr.sitedata import IMAGES, INDEX, SiteData
+from fedcxr.stageio import write_json
 from fedcxr.strategies import get_strategy
 from fedcxr.train.data import XrayDataset, make_loader
 from fedcxr.train.loop import (
@@ -397,8 +398,6 @@ def summarize(state: FederationState, out_dir: Path, wall_s: float) -> dict[str,
     final = state.global_state()
     save_file({k: v.contiguous() for k, v in final.items()}, str(out_dir / MODEL))
     history = state.history
-    from fedcxr.stageio import write_json
-
     write_json(out_dir / HISTORY, history)
     per_round = []
     for record in history:

@@ -66,6 +66,15 @@ def _metrics_json(metrics: dict[str, Any], rnd: int) -> str:
         raise ValueError(f"train_fn metrics of round {rnd} are not strict JSON: {exc}") from None
 
 
+def channel_credentials(tls: TlsBundle) -> grpc.ChannelCredentials:
+    """A site's side of mutual TLS: trust the federation CA, present the site certificate."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.root_certificates,
+        private_key=tls.private_key,
+        certificate_chain=tls.certificate_chain,
+    )
+
+
 def run_site(
     address: str,
     tls: TlsBundle,
@@ -85,11 +94,7 @@ def run_site(
     a dropped connection; any other error, or a model whose SHA-256 differs from the task's,
     raises. Returns on STOP.
     """
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=tls.root_certificates,
-        private_key=tls.private_key,
-        certificate_chain=tls.certificate_chain,
-    )
+    creds = channel_credentials(tls)
     records: list[dict[str, Any]] = []
     with grpc.secure_channel(address, creds, options=KEEPALIVE_OPTIONS) as channel:
         stub = pb_grpc.FederationStub(channel)
