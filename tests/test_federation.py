@@ -235,10 +235,15 @@ def test_foreign_ca_and_unlisted_cn_cannot_join(pki_dir: Path, tmp_path: Path) -
         assert "site-x" in unlisted_err.value.details()
     finally:
         server.stop(None).wait()
+        state.stop_watching()
     entries = audit_events(tmp_path / "audit.jsonl")
     refused = [e for e in entries if e["event"] == ev.JOIN_REFUSED]
-    assert len(refused) == 1 and refused[0]["peer"] == "site-x"
-    assert "allow-list" in refused[0]["reason"]
+    tls = [e for e in refused if e.get("layer") == "tls"]
+    assert tls, "the handshake with the foreign certificate is not in the audit log"
+    assert all("CERTIFICATE_VERIFY_FAILED" in e["reason"] for e in tls)
+    unlisted = [e for e in refused if e.get("layer") != "tls"]
+    assert len(unlisted) == 1 and unlisted[0]["peer"] == "site-x"
+    assert "allow-list" in unlisted[0]["reason"]
     assert count(entries, ev.SITE_JOINED) == 0
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -36,11 +38,14 @@ def bytes_to_state(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def to_chunks(
-    data: bytes, header: pb.UpdateHeader | None = None, chunk_bytes: int = CHUNK_BYTES
+    data: bytes,
+    header: pb.UpdateHeader | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    digest: str | None = None,
 ) -> Iterator[pb.Chunk]:
     """Split a payload into chunks; the first carries the header, the last the SHA-256."""
     total = len(data)
-    digest = sha256_hex(data)
+    digest = digest or sha256_hex(data)
     offsets = range(0, total, chunk_bytes) if total else range(1)
     last = offsets[-1]
     for offset in offsets:
@@ -52,40 +57,144 @@ def to_chunks(
         yield chunk
 
 
+def file_chunks(path: Path, digest: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.Chunk]:
+    """Stream a file as chunks (one chunk in memory at a time); `digest` is its SHA-256."""
+    total = path.stat().st_size
+    with path.open("rb") as fh:
+        offset = 0
+        while True:
+            data = fh.read(chunk_bytes)
+            last = offset + len(data) >= total
+            chunk = pb.Chunk(data=data, offset=offset, total_bytes=total)
+            if last:
+                chunk.sha256 = digest
+            yield chunk
+            offset += len(data)
+            if last:
+                return
+
+
+def file_sha256(path: Path, block: int = CHUNK_BYTES) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while data := fh.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+class _StreamCheck:
+    """Order, size and SHA-256 checks on an incoming stream, chunk by chunk."""
+
+    def __init__(self, max_bytes: int, what: str) -> None:
+        self.max_bytes, self.what = max_bytes, what
+        self.header: pb.UpdateHeader | None = None
+        self.received, self.total, self.digest = 0, None, ""
+        self.count = 0
+        self._sha = hashlib.sha256()
+
+    def feed(self, chunk: pb.Chunk) -> bytes:
+        what, i = self.what, self.count
+        if i == 0:
+            self.total = chunk.total_bytes
+            if self.total > self.max_bytes:
+                raise TransferError(
+                    f"{what}: announces {self.total} bytes, limit is {self.max_bytes}"
+                )
+            if chunk.HasField("header"):
+                self.header = chunk.header
+        if chunk.total_bytes != self.total:
+            raise TransferError(
+                f"{what}: chunk {i} says total {chunk.total_bytes}, first said {self.total}"
+            )
+        if chunk.offset != self.received:
+            raise TransferError(
+                f"{what}: chunk {i} at offset {chunk.offset}, expected {self.received}"
+            )
+        self.received += len(chunk.data)
+        if self.received > (self.total or 0):
+            raise TransferError(
+                f"{what}: received {self.received} bytes, more than announced {self.total}"
+            )
+        if chunk.sha256:
+            self.digest = chunk.sha256
+        self._sha.update(chunk.data)
+        self.count += 1
+        return chunk.data
+
+    def finish(self) -> str:
+        """Raise unless the stream was complete and matched its SHA-256; return the digest."""
+        what = self.what
+        if self.total is None:
+            raise TransferError(f"{what}: empty stream")
+        if self.received != self.total:
+            raise TransferError(
+                f"{what}: received {self.received} of {self.total} bytes (stream cut short)"
+            )
+        actual = self._sha.hexdigest()
+        if self.digest != actual:
+            raise TransferError(
+                f"{what}: SHA-256 mismatch (announced {self.digest or 'none'}, got {actual})"
+            )
+        return actual
+
+
 def from_chunks(
     chunks: Iterable[pb.Chunk], max_bytes: int = MAX_TRANSFER_BYTES, what: str = "transfer"
 ) -> tuple[pb.UpdateHeader | None, bytes]:
     """Reassemble a stream, checking order, size and the SHA-256; return (header, payload)."""
-    parts: list[bytes] = []
-    header: pb.UpdateHeader | None = None
-    received, total, digest = 0, None, ""
-    for i, chunk in enumerate(chunks):
-        if i == 0:
-            total = chunk.total_bytes
-            if total > max_bytes:
-                raise TransferError(f"{what}: announces {total} bytes, limit is {max_bytes}")
-            if chunk.HasField("header"):
-                header = chunk.header
-        if chunk.total_bytes != total:
+    check = _StreamCheck(max_bytes, what)
+    parts = [check.feed(chunk) for chunk in chunks]
+    check.finish()
+    return check.header, b"".join(parts)
+
+
+def receive_to_file(
+    chunks: Iterable[pb.Chunk],
+    dest: Path,
+    max_bytes: int = MAX_TRANSFER_BYTES,
+    what: str = "transfer",
+    on_header: Callable[[pb.UpdateHeader], None] | None = None,
+) -> tuple[pb.UpdateHeader | None, int, str]:
+    """Write a stream to `dest` with the same checks as from_chunks, one chunk in memory at a
+    time; return (header, bytes, SHA-256). `dest` is removed when the stream is refused."""
+    check = _StreamCheck(max_bytes, what)
+    try:
+        with dest.open("wb") as fh:
+            for chunk in chunks:
+                fh.write(check.feed(chunk))
+                if check.count == 1 and check.header is not None and on_header is not None:
+                    on_header(check.header)
+        digest = check.finish()
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return check.header, check.received, digest
+
+
+class LazyState(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-only state dict that loads one tensor per access.
+
+    Aggregating N updates this way holds one tensor per update at a time instead of N models.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._fh = safe_open(str(self.path), framework="pt")
+            self._keys = list(self._fh.keys())
+        except Exception as exc:  # SafetensorError, OSError
+            size = self.path.stat().st_size if self.path.exists() else 0
             raise TransferError(
-                f"{what}: chunk {i} says total {chunk.total_bytes}, first said {total}"
-            )
-        if chunk.offset != received:
-            raise TransferError(f"{what}: chunk {i} at offset {chunk.offset}, expected {received}")
-        parts.append(chunk.data)
-        received += len(chunk.data)
-        if received > (total or 0):
-            raise TransferError(f"{what}: received {received} bytes, more than announced {total}")
-        if chunk.sha256:
-            digest = chunk.sha256
-    if total is None:
-        raise TransferError(f"{what}: empty stream")
-    if received != total:
-        raise TransferError(f"{what}: received {received} of {total} bytes (stream cut short)")
-    data = b"".join(parts)
-    actual = sha256_hex(data)
-    if digest != actual:
-        raise TransferError(
-            f"{what}: SHA-256 mismatch (announced {digest or 'none'}, got {actual})"
-        )
-    return header, data
+                f"not a valid safetensors payload ({size} bytes): {exc}"
+            ) from exc
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._fh.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -13,21 +15,22 @@ from typing import Any
 
 import grpc
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedcxr import audit as ev
 from fedcxr.audit import AuditLog
 from fedcxr.checkpoint import load_checkpoint, save_checkpoint
+from fedcxr.federation.tlswatch import watch_handshakes
 from fedcxr.pki import TlsBundle, fingerprint
 from fedcxr.proto import fedcxr_pb2 as pb
 from fedcxr.proto import fedcxr_pb2_grpc as pb_grpc
 from fedcxr.strategies import SiteUpdate, check_update, get_strategy
 from fedcxr.transport import (
+    LazyState,
     TransferError,
-    bytes_to_state,
-    from_chunks,
-    sha256_hex,
-    state_to_bytes,
-    to_chunks,
+    file_chunks,
+    file_sha256,
+    receive_to_file,
 )
 
 State = dict[str, torch.Tensor]
@@ -99,6 +102,10 @@ class FederationState:
     the global model); the round closes when every site has either submitted an accepted update
     or been refused, and the accepted ones are aggregated in site-id order. After each round the
     checkpoint is written atomically, so a killed federation resumes after its last round.
+
+    Memory does not grow with the number of sites: the global model is served from a file,
+    uploads are spooled to files in `work_dir` (a private temporary folder by default) and
+    aggregated tensor by tensor, so the aggregator holds about one model (the new one) at most.
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class FederationState:
         federation_id: str = "fedcxr",
         stop_after_round: int | None = None,
         on_round_completed: Callable[[int, State], None] | None = None,
+        work_dir: Path | None = None,
     ) -> None:
         if not sites:
             raise FederationError("a federation needs at least one site on its allow-list")
@@ -139,8 +147,22 @@ class FederationState:
         self._told_stop: set[str] = set()
         self.halted = False
 
+        if work_dir is None:
+            self._tmp: tempfile.TemporaryDirectory | None = tempfile.TemporaryDirectory(
+                prefix="fedcxr-aggregator-"
+            )
+            self.work_dir = Path(self._tmp.name)
+        else:
+            self._tmp = None
+            self.work_dir = Path(work_dir)
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._spool = self.work_dir / "uploads"
+        self._spool.mkdir(exist_ok=True)
+        self._global_path: Path | None = None
+        self._unwatch: list[Callable[[], None]] = []
+
         start_round = 1
-        global_state = {k: v.detach().to("cpu").clone() for k, v in initial_state.items()}
+        global_state = {k: v.detach().to("cpu") for k, v in initial_state.items()}
         if self.checkpoint.exists():
             if not resume:
                 raise FederationError(
@@ -162,10 +184,10 @@ class FederationState:
             start_round = ckpt.round + 1
             self.history = list(ckpt.meta.get("history", []))
             audit.append("federation_resumed", from_round=start_round, checkpoint=str(checkpoint))
-        self._global = global_state
         self.round = start_round  # the round in progress (rounds + 1 once finished)
         self.finished = start_round > rounds
-        self._set_model()
+        self._set_model(global_state)
+        del global_state
         # Per round: site -> outcome record; accepted updates waiting for aggregation.
         self._outcomes: dict[str, dict[str, Any]] = {}
         self._updates: dict[str, SiteUpdate] = {}
@@ -177,11 +199,27 @@ class FederationState:
 
     # ------------------------------------------------------------------ helpers (lock held)
 
-    def _set_model(self) -> None:
-        self._payload = state_to_bytes(self._global)
-        self._sha = sha256_hex(self._payload)
+    def _set_model(self, state: State) -> None:
+        """Make `state` the global model: written to its own file, which downloads stream."""
+        path = self.work_dir / f"global-{self.round:05d}.safetensors"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(path))
+        previous, self._global_path = self._global_path, path
+        self._size = path.stat().st_size
+        self._sha = file_sha256(path)
         # An update is the same model with other values: a generous bound on its size.
-        self.max_update_bytes = 2 * len(self._payload) + (1 << 20)
+        self.max_update_bytes = 2 * self._size + (1 << 20)
+        if previous is not None and previous != path:
+            previous.unlink(missing_ok=True)  # a download still reading it keeps its inode
+
+    def _reference(self) -> LazyState:
+        assert self._global_path is not None
+        return LazyState(self._global_path)
+
+    def _discard_updates(self) -> None:
+        for update in self._updates.values():
+            if isinstance(update.state, LazyState):
+                update.state.path.unlink(missing_ok=True)
+        self._updates = {}
 
     def _all_joined(self) -> bool:
         return set(self.joined) == set(self.sites)
@@ -191,10 +229,9 @@ class FederationState:
             return
         self._round_open = True
         self._round_started = time.monotonic()
-        self._outcomes, self._updates, self._bytes_sent = {}, {}, {}
-        self.audit.append(
-            ev.MODEL_BROADCAST, round=self.round, sha256=self._sha, bytes=len(self._payload)
-        )
+        self._discard_updates()
+        self._outcomes, self._bytes_sent = {}, {}
+        self.audit.append(ev.MODEL_BROADCAST, round=self.round, sha256=self._sha, bytes=self._size)
         self._cond.notify_all()
 
     def _task_for(self, site: str) -> TaskInfo:
@@ -222,19 +259,23 @@ class FederationState:
     def _close_round(self) -> None:
         rnd = self.round
         accepted = [self._updates[s] for s in self.sites if s in self._updates]
-        if accepted:
-            self._global = self.strategy.aggregate(accepted)
-            self._set_model()
+        new_state = self.strategy.aggregate(accepted) if accepted else None
+        self._discard_updates()
         record = {
             "round": rnd,
             "wall_s": round(time.monotonic() - self._round_started, 6),
-            "model_sha256": self._sha,
+            "model_sha256": "",
             "sites": {s: self._outcomes[s] for s in self.sites},
         }
+        self.round = rnd + 1  # names the new global file after the round it serves
+        if new_state is None:
+            new_state = load_file(str(self._global_path))
+        self._set_model(new_state)
+        record["model_sha256"] = self._sha
         self.history.append(record)
         save_checkpoint(
             self.checkpoint,
-            self._global,
+            new_state,
             rnd,
             {
                 "strategy": self.strategy.name,
@@ -253,9 +294,9 @@ class FederationState:
             )
         self.audit.append(ev.ROUND_COMPLETED, round=rnd, accepted=len(accepted))
         if self._on_round_completed is not None:
-            self._on_round_completed(rnd, {k: v.clone() for k, v in self._global.items()})
+            self._on_round_completed(rnd, new_state)
+        del new_state
         self._round_open = False
-        self.round = rnd + 1
         if rnd >= self.rounds:
             self.finished = True
             self.audit.append(ev.FEDERATION_FINISHED, rounds=self.rounds)
@@ -274,6 +315,18 @@ class FederationState:
 
     def refuse_join(self, peer: str, reason: str, **fields: Any) -> None:
         self.audit.append(ev.JOIN_REFUSED, peer=peer, reason=reason, **fields)
+
+    def refuse_handshake(self, reason: str) -> None:
+        """A TLS handshake the server turned away (gRPC does not say from which address)."""
+        self.refuse_join("unknown (refused during the TLS handshake)", reason, layer="tls")
+
+    def watch_handshakes(self) -> None:
+        """Audit refused TLS handshakes in this process until stop_watching()."""
+        self._unwatch.append(watch_handshakes(self.refuse_handshake))
+
+    def stop_watching(self) -> None:
+        while self._unwatch:
+            self._unwatch.pop()()
 
     def join(
         self, site: str, n_train: int, n_val: int, cert_fingerprint: str, software_version: str
@@ -309,8 +362,8 @@ class FederationState:
             self._cond.wait_for(lambda: self._task_for(site).kind != "WAIT", timeout=timeout)
             return self._task_for(site)
 
-    def model_for(self, site: str, rnd: int) -> bytes:
-        """The global model's safetensors bytes for the round in progress."""
+    def model_for(self, site: str, rnd: int) -> tuple[Path, str]:
+        """The global model's safetensors file and SHA-256 for the round in progress."""
         with self._cond:
             if site not in self.joined:
                 raise LookupError(f"site {site!r} has not joined this aggregator; join first")
@@ -319,8 +372,15 @@ class FederationState:
                     f"site {site!r} asked for the model of round {rnd}; "
                     f"round in progress: {self.round if self._round_open else 'none'}"
                 )
-            self._bytes_sent[site] = self._bytes_sent.get(site, 0) + len(self._payload)
-            return self._payload
+            assert self._global_path is not None
+            self._bytes_sent[site] = self._bytes_sent.get(site, 0) + self._size
+            return self._global_path, self._sha
+
+    def spool_file(self) -> Path:
+        """A new private file for an incoming upload (removed when refused or aggregated)."""
+        fd, name = tempfile.mkstemp(suffix=".safetensors", dir=self._spool)
+        os.close(fd)
+        return Path(name)
 
     def refuse_transfer(self, site: str, rnd: int, reason: str) -> UploadResult:
         """A broken upload stream: refuse it, and count it as the site's outcome if current."""
@@ -329,63 +389,95 @@ class FederationState:
             return self._refuse(site, rnd, reason, settle=current and site in self.joined)
 
     def submit(
-        self, site: str, rnd: int, n_examples: int, metrics_json: str, payload: bytes
+        self,
+        site: str,
+        rnd: int,
+        n_examples: int,
+        metrics_json: str,
+        update: bytes | Path,
+        sha256: str | None = None,
     ) -> UploadResult:
-        """Validate and record a site's update for round `rnd`; may close the round."""
+        """Validate and record a site's update for round `rnd` (bytes, or a spooled file that
+        becomes the aggregator's); may close the round."""
+        if isinstance(update, bytes):
+            path = self.spool_file()
+            path.write_bytes(update)
+        else:
+            path = Path(update)
+        nbytes = path.stat().st_size
+        keep = False
         try:
-            state: State | None = bytes_to_state(payload)
-            parse_error = ""
-        except TransferError as exc:
-            state, parse_error = None, str(exc)
-        with self._cond:
-            if site not in self.joined:
-                return self._refuse(site, rnd, "site has not joined", settle=False)
-            if not self._round_open or rnd != self.round:
-                now = self.round if self._round_open else "none"
-                return self._refuse(
-                    site, rnd, f"update for round {rnd}, round in progress: {now}", settle=False
-                )
-            if site in self._outcomes:
-                return self._refuse(
-                    site, rnd, f"a second update for round {rnd} (one per round)", settle=False
-                )
-            problems = [parse_error] if parse_error else []
+            with self._cond:
+                reference = self._reference()
+                joined = self.joined.get(site)
+            # The heavy checks run outside the lock, one tensor at a time. The reference cannot
+            # change under them: the round closes only once this site has an outcome.
+            problems: list[str] = []
+            state: LazyState | None = None
+            try:
+                state = LazyState(path)
+            except TransferError as exc:
+                problems.append(str(exc))
             try:
                 metrics = _strict_json_obj(metrics_json, "metrics_json")
             except ValueError as exc:
                 metrics = {}
                 problems.append(str(exc))
             if state is not None:
-                update = SiteUpdate(site, int(n_examples), state)
-                problems += check_update(self._global, update, self.joined[site].n_train)
-            if problems:
-                return self._refuse(site, rnd, "; ".join(problems), settle=True)
-            assert state is not None
-            sha = sha256_hex(payload)
-            self._updates[site] = SiteUpdate(site, int(n_examples), state)
-            self.audit.append(
-                ev.UPDATE_RECEIVED,
-                round=rnd,
-                site=site,
-                sha256=sha,
-                n_k=int(n_examples),
-                bytes=len(payload),
-            )
-            self._settle(
-                site,
-                {
-                    "accepted": True,
-                    "n_k": int(n_examples),
-                    "metrics": metrics,
-                    "bytes_received": len(payload),
-                    "sha256": sha,
-                },
-            )
-            return UploadResult(True, "", sha)
+                size = joined.n_train if joined is not None else None
+                problems += check_update(reference, SiteUpdate(site, int(n_examples), state), size)
+            sha = sha256 or file_sha256(path)
+            with self._cond:
+                if site not in self.joined:
+                    return self._refuse(site, rnd, "site has not joined", settle=False)
+                if not self._round_open or rnd != self.round:
+                    now = self.round if self._round_open else "none"
+                    return self._refuse(
+                        site, rnd, f"update for round {rnd}, round in progress: {now}", settle=False
+                    )
+                if site in self._outcomes:
+                    return self._refuse(
+                        site, rnd, f"a second update for round {rnd} (one per round)", settle=False
+                    )
+                if problems:
+                    return self._refuse(site, rnd, "; ".join(problems), settle=True)
+                assert state is not None
+                self._updates[site] = SiteUpdate(site, int(n_examples), state)
+                keep = True
+                self.audit.append(
+                    ev.UPDATE_RECEIVED,
+                    round=rnd,
+                    site=site,
+                    sha256=sha,
+                    n_k=int(n_examples),
+                    bytes=nbytes,
+                )
+                self._settle(
+                    site,
+                    {
+                        "accepted": True,
+                        "n_k": int(n_examples),
+                        "metrics": metrics,
+                        "bytes_received": nbytes,
+                        "sha256": sha,
+                    },
+                )
+                return UploadResult(True, "", sha)
+        finally:
+            if not keep:
+                path.unlink(missing_ok=True)
 
     def global_state(self) -> State:
         with self._cond:
-            return {k: v.clone() for k, v in self._global.items()}
+            return load_file(str(self._global_path))
+
+    def close(self) -> None:
+        """Remove spooled uploads and the served model file (the checkpoint stays)."""
+        self.stop_watching()
+        with self._cond:
+            self._discard_updates()
+            if self._tmp is not None:
+                self._tmp.cleanup()
 
     def done(self) -> bool:
         """Halted, or finished with every joined site told to stop."""
@@ -479,10 +571,10 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> Iterator[pb.Chunk]:
         site = self._site(context)
         try:
-            payload = self.state.model_for(site, request.round)
+            path, sha = self.state.model_for(site, request.round)
         except (LookupError, ValueError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        yield from to_chunks(payload)
+        yield from file_chunks(path, sha)
 
     def UploadUpdate(
         self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
@@ -490,25 +582,30 @@ class FederationServicer(pb_grpc.FederationServicer):
         site = self._site(context)
         header: pb.UpdateHeader | None = None
 
-        def tracked() -> Iterator[pb.Chunk]:
+        def seen(h: pb.UpdateHeader) -> None:
             nonlocal header
-            for chunk in request_iterator:
-                if header is None and chunk.HasField("header"):
-                    header = chunk.header
-                yield chunk
+            header = h
 
+        path = self.state.spool_file()
         try:
-            header, data = from_chunks(
-                tracked(), max_bytes=self.state.max_update_bytes, what=f"update from {site!r}"
+            header, _, sha = receive_to_file(
+                request_iterator,
+                path,
+                max_bytes=self.state.max_update_bytes,
+                what=f"update from {site!r}",
+                on_header=seen,
             )
         except TransferError as exc:
             rnd = header.round if header is not None else 0
             result = self.state.refuse_transfer(site, rnd, str(exc))
             return pb.UploadReply(accepted=False, reason=result.reason)
         if header is None:
+            path.unlink(missing_ok=True)
             result = self.state.refuse_transfer(site, 0, "upload without an UpdateHeader")
             return pb.UploadReply(accepted=False, reason=result.reason)
-        result = self.state.submit(site, header.round, header.n_examples, header.metrics_json, data)
+        result = self.state.submit(
+            site, header.round, header.n_examples, header.metrics_json, path, sha256=sha
+        )
         return pb.UploadReply(accepted=result.accepted, reason=result.reason, sha256=result.sha256)
 
 
@@ -543,6 +640,7 @@ def serve(
     if bound == 0:
         raise FederationError(f"cannot listen on {address} (in use?)")
     server.start()
+    state.watch_handshakes()
     return server, bound
 
 
@@ -570,4 +668,5 @@ def run_aggregator(
     finally:
         # A halted federation is stopped like a kill: no grace for calls in flight.
         server.stop(None if state.halted else grace_s).wait()
+        state.stop_watching()
     return state.history

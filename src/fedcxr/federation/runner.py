@@ -396,6 +396,7 @@ def _weighted(pairs: list[tuple[int, Any]]) -> float | None:
 def summarize(state: FederationState, out_dir: Path, wall_s: float) -> dict[str, Any]:
     """Write model.safetensors and history.json; the run's summary (per round and per site)."""
     final = state.global_state()
+    state.close()
     save_file({k: v.contiguous() for k, v in final.items()}, str(out_dir / MODEL))
     history = state.history
     write_json(out_dir / HISTORY, history)
@@ -533,6 +534,7 @@ def run_federation(
                 proc.kill()
                 proc.wait(timeout=10)
         server.stop(grace_s).wait()
+        state.stop_watching()
     return summarize(state, out_dir, time.monotonic() - started)
 
 
