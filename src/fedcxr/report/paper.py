@@ -1,0 +1,169 @@
+"""The seed paper's published numbers: the only hand-typed figures in the report, with sources.
+
+Source: Saqib et al., "Privacy Preserved and Practical Implementation for Distributed Machine
+Learning in Radiology", Preprints 2025, doi:10.20944/preprints202503.0962.v1 (the project copy
+is /work/shared/seed-paper.md). Each value names its table and row. Values are kept exactly as
+published (percent, hours, GB); `PaperStat.fraction` converts percent for side-by-side display.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CITATION = (
+    "Saqib et al., Privacy Preserved and Practical Implementation for Distributed Machine "
+    "Learning in Radiology, Preprints 2025, doi:10.20944/preprints202503.0962.v1"
+)
+
+
+@dataclass(frozen=True)
+class PaperStat:
+    """One published cell: mean ± sd in `unit` ('%', '' for a plain number, 'h', 'GB')."""
+
+    mean: float
+    sd: float | None
+    unit: str
+    source: str  # e.g. "Table 1, Federated Multi-Node, AUC (%)"
+
+    def fraction(self) -> tuple[float, float | None]:
+        """(mean, sd) on a 0-1 scale for percent values; unchanged otherwise."""
+        if self.unit == "%":
+            return self.mean / 100.0, None if self.sd is None else self.sd / 100.0
+        return self.mean, self.sd
+
+
+@dataclass(frozen=True)
+class PaperText:
+    """A published cell that is not a number with a spread (e.g. "~150", "10–20", "N/A")."""
+
+    text: str
+    unit: str
+    source: str
+
+
+# Paper configuration names -> fedcxr configuration names (metrics.json keys).
+PAPER_CONFIGS: dict[str, str] = {
+    "single_node": "Single-Node Baseline",
+    "centralized": "Centralized Multi-Node",
+    "federated": "Federated Multi-Node",
+}
+
+
+def _row(table: str, config: str, values: dict[str, tuple[float, float, str, str]]) -> dict:
+    row = PAPER_CONFIGS[config]
+    return {
+        key: PaperStat(mean, sd, unit, f"{table}, {row}, {column}")
+        for key, (mean, sd, unit, column) in values.items()
+    }
+
+
+# Table 1: Multi-Label (14 Diseases) Results on Test Set (section 5.2.1).
+TABLE1: dict[str, dict[str, PaperStat]] = {
+    "single_node": _row(
+        "Table 1",
+        "single_node",
+        {
+            "auroc_macro": (81.2, 0.5, "%", "AUC (%)"),
+            "accuracy": (78.9, 0.4, "%", "Acc. (%)"),
+            "f1": (0.77, 0.03, "", "F1"),
+            "precision": (80.1, 0.5, "%", "Prec. (%)"),
+            "recall": (74.6, 0.6, "%", "Rec. (%)"),
+        },
+    ),
+    "centralized": _row(
+        "Table 1",
+        "centralized",
+        {
+            "auroc_macro": (82.5, 0.4, "%", "AUC (%)"),
+            "accuracy": (80.2, 0.5, "%", "Acc. (%)"),
+            "f1": (0.78, 0.03, "", "F1"),
+            "precision": (81.3, 0.4, "%", "Prec. (%)"),
+            "recall": (75.9, 0.5, "%", "Rec. (%)"),
+        },
+    ),
+    "federated": _row(
+        "Table 1",
+        "federated",
+        {
+            "auroc_macro": (83.7, 0.6, "%", "AUC (%)"),
+            "accuracy": (81.1, 0.3, "%", "Acc. (%)"),
+            "f1": (0.79, 0.02, "", "F1"),
+            "precision": (82.1, 0.5, "%", "Prec. (%)"),
+            "recall": (76.5, 0.4, "%", "Rec. (%)"),
+        },
+    ),
+}
+
+# Table 2: Binary Pneumonia Detection Results (section 5.2.2). Sens./Spec. are the
+# pneumonia sensitivity and specificity; the paper gives no F1, precision or recall here.
+TABLE2: dict[str, dict[str, PaperStat]] = {
+    "single_node": _row(
+        "Table 2",
+        "single_node",
+        {
+            "auroc_macro": (86.9, 0.3, "%", "AUC (%)"),
+            "accuracy": (85.2, 0.5, "%", "Acc. (%)"),
+            "sensitivity_pneumonia": (88.3, 0.4, "%", "Sens. (%)"),
+            "specificity_pneumonia": (84.1, 0.6, "%", "Spec. (%)"),
+        },
+    ),
+    "centralized": _row(
+        "Table 2",
+        "centralized",
+        {
+            "auroc_macro": (88.1, 0.4, "%", "AUC (%)"),
+            "accuracy": (86.4, 0.4, "%", "Acc. (%)"),
+            "sensitivity_pneumonia": (89.2, 0.5, "%", "Sens. (%)"),
+            "specificity_pneumonia": (85.0, 0.5, "%", "Spec. (%)"),
+        },
+    ),
+    "federated": _row(
+        "Table 2",
+        "federated",
+        {
+            "auroc_macro": (89.4, 0.5, "%", "AUC (%)"),
+            "accuracy": (87.1, 0.6, "%", "Acc. (%)"),
+            "sensitivity_pneumonia": (90.1, 0.6, "%", "Sens. (%)"),
+            "specificity_pneumonia": (85.8, 0.5, "%", "Spec. (%)"),
+        },
+    ),
+}
+
+# Table 3: Training Time per Epoch and Network Overhead (section 5.3).
+TABLE3: dict[str, dict[str, PaperStat | PaperText]] = {
+    "single_node": {
+        "time_per_epoch": PaperStat(8.5, 0.4, "h", "Table 3, Single-Node Baseline, Time/Epoch"),
+        "comm": PaperText("N/A", "GB", "Table 3, Single-Node Baseline, Comm. Overhead (GB)"),
+    },
+    "centralized": {
+        "time_per_epoch": PaperStat(5.2, 0.3, "h", "Table 3, Centralized Multi-Node, Time/Epoch"),
+        "comm": PaperText("~150", "GB", "Table 3, Centralized Multi-Node, Comm. Overhead (GB)"),
+    },
+    "federated": {
+        "time_per_epoch": PaperStat(5.8, 0.4, "h", "Table 3, Federated Multi-Node, Time/Epoch"),
+        "comm": PaperText("10–20", "GB", "Table 3, Federated Multi-Node, Comm. Overhead (GB)"),
+    },
+}
+
+# Tables by fedcxr task name: the paper's multi-label table and its pneumonia table.
+PERFORMANCE: dict[str, dict[str, dict[str, PaperStat]]] = {
+    "multilabel": TABLE1,
+    "pneumonia": TABLE2,
+}
+
+# Claims made in the text (percentage points of AUC), as ranges.
+CLAIMED_GAIN_VS_SINGLE_NODE: dict[str, tuple[float, float, str]] = {
+    "multilabel": (1.2, 1.5, "Section 5.2.2"),
+    "pneumonia": (1.3, 2.5, "Section 5.2.2"),
+}
+DP_AUC_DROP_POINTS: tuple[float, float, str] = (1.0, 1.2, "Section 5.4")
+DP_NOISE_MULTIPLIER = 1.0  # Section 4.5 / 5.4
+
+# The study's set-up (sections 3.2-4.4 and 5.1).
+NIH_IMAGES = 112_120  # Section 2.4 / 5.1
+TEST_IMAGES = 10_120  # Section 3.6 / 5.1
+IMAGE_SIZE = 512  # Section 3.3, downsampled to 512 x 512
+ARCHS: tuple[str, ...] = ("resnet50", "densenet121")  # Section 3.4
+ROUNDS: tuple[int, int] = (20, 30)  # Section 4.4, step 6
+LOCAL_EPOCHS: tuple[int, int] = (2, 5)  # Section 3.4
+REPEATS: tuple[int, int] = (3, 5)  # Section 3.6, "repeat experiments 3-5 times"
