@@ -6,7 +6,7 @@ For each site count: the aggregator runs in its own process (so its memory is me
 sites run as threads that return the received weights unchanged (no training), all over mutual
 TLS on 127.0.0.1. Prints the round's wall time, the achieved MB/s (bytes down + up over the
 round), raw gRPC loopback throughput with the same TLS and chunking in the same run, and the
-aggregator's peak RSS growth over its idle baseline as a multiple of the model size.
+aggregator's peak RSS (VmHWM) growth over its idle baseline as a multiple of the model size.
 Targets: >= 0.5x raw throughput; aggregator peak < 3x model size, flat in the site count.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import tempfile
 import threading
 import time
@@ -36,14 +35,29 @@ from fedcxr.transport import from_chunks, state_to_bytes, to_chunks
 MB = 1e6
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def _reset_peak() -> None:
+    """Restart the peak-RSS counter (VmHWM) from the current RSS (Linux >= 4.0).
+
+    ru_maxrss would not do: after a spawn's exec it still holds the RSS the forked parent
+    had, which here includes the site threads of the previous runs.
+    """
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def _aggregator(conn, pki: str, sites: list[str], arch: str, out: str) -> None:
     torch.manual_seed(0)
     state = build_model(arch, 14).state_dict()
-    baseline = _rss_mb()
+    _reset_peak()
+    baseline = _status_mb("VmRSS")
     fed = FederationState(
         state,
         sites=sites,
@@ -57,7 +71,13 @@ def _aggregator(conn, pki: str, sites: list[str], arch: str, out: str) -> None:
     conn.send(port)
     fed.wait(timeout=1800, stop_grace_s=5)
     server.stop(2).wait()
-    conn.send({"baseline_mb": baseline, "peak_mb": _rss_mb(), "wall_s": fed.history[0]["wall_s"]})
+    conn.send(
+        {
+            "baseline_mb": baseline,
+            "peak_mb": _status_mb("VmHWM"),
+            "wall_s": fed.history[0]["wall_s"],
+        }
+    )
 
 
 def _identity(state, rnd, config):

@@ -13,12 +13,17 @@ import torch
 from fedcxr.proto import fedcxr_pb2 as pb
 from fedcxr.proto import fedcxr_pb2_grpc as pb_grpc
 from fedcxr.transport import (
+    LazyState,
     TransferError,
     bytes_to_state,
+    file_chunks,
+    file_sha256,
     from_chunks,
+    receive_to_file,
     sha256_hex,
     state_to_bytes,
     to_chunks,
+    write_state_file,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,3 +126,61 @@ def test_generated_stubs_match_the_proto(tmp_path):
         assert filecmp.cmp(
             tmp_path / "fedcxr/proto" / name, REPO / "src/fedcxr/proto" / name, shallow=False
         ), f"{name} is stale: run scripts/gen_proto.sh"
+
+
+def _mixed_state() -> dict[str, torch.Tensor]:
+    state = _state()
+    state["half"] = torch.linspace(-1, 1, 5).to(torch.bfloat16)
+    state["mask"] = torch.tensor([True, False, True])
+    state["empty"] = torch.zeros(0, 3)
+    state["scalar"] = torch.tensor(2.5)
+    return state
+
+
+def test_write_state_file_matches_safetensors_byte_for_byte(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = _mixed_state()
+    for meta in (None, {"fedcxr": '{"round": 3}'}):
+        ours, theirs = tmp_path / "ours.st", tmp_path / "theirs.st"
+        write_state_file(ours, state, meta)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(theirs), metadata=meta)
+        assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_lazy_state_reads_each_tensor_exactly_and_rejects_damage(tmp_path: Path) -> None:
+    state = _mixed_state()
+    path = tmp_path / "m.st"
+    write_state_file(path, state)
+    lazy = LazyState(path)
+    assert sorted(lazy) == sorted(state) and len(lazy) == len(state)
+    for key, tensor in state.items():
+        assert lazy.spec(key) == (tensor.dtype, tuple(tensor.shape))
+        assert torch.equal(lazy[key], tensor)
+    lazy.close()
+    data = path.read_bytes()
+    (tmp_path / "cut.st").write_bytes(data[:-4])
+    (tmp_path / "junk.st").write_bytes(b"\x10" + b"\x00" * 7 + b"not json at all!")
+    (tmp_path / "tiny.st").write_bytes(b"abc")
+    for name, why in [("cut.st", "data ends"), ("junk.st", "not JSON"), ("tiny.st", "shorter")]:
+        with pytest.raises(TransferError, match=why):
+            LazyState(tmp_path / name)
+
+
+def test_receive_to_file_streams_checks_and_cleans_up(tmp_path: Path) -> None:
+    data = state_to_bytes(_state())
+    header = pb.UpdateHeader(round=2, n_examples=9)
+    seen = []
+    dest = tmp_path / "up.st"
+    got_header, size, digest = receive_to_file(
+        to_chunks(data, header, chunk_bytes=1000), dest, on_header=seen.append
+    )
+    assert (got_header.round, size, digest) == (2, len(data), sha256_hex(data))
+    assert dest.read_bytes() == data and file_sha256(dest) == digest and len(seen) == 1
+    # The file streams back out as the same chunks.
+    assert from_chunks(file_chunks(dest, digest, chunk_bytes=777))[1] == data
+    chunks = list(to_chunks(data, header, chunk_bytes=1000))
+    chunks[3].data = b"x" * len(chunks[3].data)
+    with pytest.raises(TransferError, match="SHA-256"):
+        receive_to_file(chunks, dest)
+    assert not dest.exists()

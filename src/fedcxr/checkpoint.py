@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from fedcxr.transport import write_state_file
 
 META_KEY = "fedcxr"
 
@@ -31,8 +33,7 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], rnd: int, meta: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     payload = json.dumps({"round": rnd, **meta}, sort_keys=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp), metadata={META_KEY: payload})
+    write_state_file(tmp, state, metadata={META_KEY: payload})
     with tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,15 +32,27 @@ def weighted_average(updates: list[SiteUpdate]) -> State:
     total = sum(u.n_examples for u in ordered)
     if total <= 0:
         raise ValueError(f"total n_k must be positive, found {total}")
+    first = ordered[0].state
+    specs = {key: _spec(first, key) for key in first}
+    largest = max((math.prod(shape) for _, shape in specs.values()), default=0)
+    # One float64 accumulator for every key, so aggregation allocates nothing but the result.
+    scratch = torch.empty(largest, dtype=torch.float64)
     out: State = {}
-    for key, first in ordered[0].state.items():
-        acc = torch.zeros(first.shape, dtype=torch.float64)
+    for key, (dtype, shape) in specs.items():
+        acc = scratch[: math.prod(shape)].view(shape).zero_()
         for update in ordered:
-            acc += update.state[key].to(torch.float64) * (update.n_examples / total)
-        out[key] = (
-            acc.round().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
-        )
+            acc.add_(update.state[key], alpha=update.n_examples / total)
+        out[key] = acc.round().to(dtype) if not dtype.is_floating_point else acc.to(dtype)
     return out
+
+
+def _spec(state: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """dtype and shape of state[key], without reading it when the mapping can say."""
+    spec = getattr(state, "spec", None)
+    if callable(spec):
+        return spec(key)
+    tensor = state[key]
+    return tensor.dtype, tuple(tensor.shape)
 
 
 # FedProx aggregates like FedAvg; its proximal term (mu/2)||w - w_global||^2 acts in local

@@ -15,11 +15,12 @@ from typing import Any
 
 import grpc
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedcxr import audit as ev
 from fedcxr.audit import AuditLog
 from fedcxr.checkpoint import load_checkpoint, save_checkpoint
+from fedcxr.federation import heap
 from fedcxr.federation.tlswatch import watch_handshakes
 from fedcxr.pki import TlsBundle, fingerprint
 from fedcxr.proto import fedcxr_pb2 as pb
@@ -31,6 +32,7 @@ from fedcxr.transport import (
     file_chunks,
     file_sha256,
     receive_to_file,
+    write_state_file,
 )
 
 State = dict[str, torch.Tensor]
@@ -45,6 +47,7 @@ KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
 DEFAULT_POLL_S = 5.0
+_CHECK_LOCK = threading.Lock()
 
 
 class FederationError(RuntimeError):
@@ -202,7 +205,7 @@ class FederationState:
     def _set_model(self, state: State) -> None:
         """Make `state` the global model: written to its own file, which downloads stream."""
         path = self.work_dir / f"global-{self.round:05d}.safetensors"
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(path))
+        write_state_file(path, state)
         previous, self._global_path = self._global_path, path
         self._size = path.stat().st_size
         self._sha = file_sha256(path)
@@ -218,6 +221,7 @@ class FederationState:
     def _discard_updates(self) -> None:
         for update in self._updates.values():
             if isinstance(update.state, LazyState):
+                update.state.close()
                 update.state.path.unlink(missing_ok=True)
         self._updates = {}
 
@@ -296,6 +300,7 @@ class FederationState:
         if self._on_round_completed is not None:
             self._on_round_completed(rnd, new_state)
         del new_state
+        heap.trim()
         self._round_open = False
         if rnd >= self.rounds:
             self.finished = True
@@ -406,6 +411,7 @@ class FederationState:
             path = Path(update)
         nbytes = path.stat().st_size
         keep = False
+        state: LazyState | None = None
         try:
             with self._cond:
                 reference = self._reference()
@@ -413,7 +419,6 @@ class FederationState:
             # The heavy checks run outside the lock, one tensor at a time. The reference cannot
             # change under them: the round closes only once this site has an outcome.
             problems: list[str] = []
-            state: LazyState | None = None
             try:
                 state = LazyState(path)
             except TransferError as exc:
@@ -425,7 +430,11 @@ class FederationState:
                 problems.append(str(exc))
             if state is not None:
                 size = joined.n_train if joined is not None else None
-                problems += check_update(reference, SiteUpdate(site, int(n_examples), state), size)
+                with _CHECK_LOCK:
+                    problems += check_update(
+                        reference, SiteUpdate(site, int(n_examples), state), size
+                    )
+            reference.close()
             sha = sha256 or file_sha256(path)
             with self._cond:
                 if site not in self.joined:
@@ -465,6 +474,8 @@ class FederationState:
                 return UploadResult(True, "", sha)
         finally:
             if not keep:
+                if state is not None:
+                    state.close()
                 path.unlink(missing_ok=True)
 
     def global_state(self) -> State:
@@ -603,6 +614,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             path.unlink(missing_ok=True)
             result = self.state.refuse_transfer(site, 0, "upload without an UpdateHeader")
             return pb.UploadReply(accepted=False, reason=result.reason)
+        heap.trim()
         result = self.state.submit(
             site, header.round, header.n_examples, header.metrics_json, path, sha256=sha
         )
@@ -626,6 +638,7 @@ def serve(
     poll_s: float = DEFAULT_POLL_S,
 ) -> tuple[grpc.Server, int]:
     """Start the mutual-TLS server (port 0 picks a free one); return (server, bound port)."""
+    heap.limit_arenas()
     workers = 8 + 2 * len(state.sites)  # each long-poll holds a thread for up to poll_s
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedcxr-agg"),
