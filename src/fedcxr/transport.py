@@ -244,15 +244,16 @@ class LazyState(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._fd = -1
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
             self._entries, self._data_start = self._parse()
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _invalid(self, why: str) -> TransferError:
-        size = os.fstat(self._fd).st_size
+        size = self.path.stat().st_size
         return TransferError(f"not a valid safetensors payload ({size} bytes): {why}")
 
     def _parse(self) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], int]:
@@ -314,7 +315,7 @@ class LazyState(Mapping[str, torch.Tensor]):
         return len(self._entries)
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1
 
