@@ -28,9 +28,20 @@ def context_from(params: Params) -> RunContext:
     )
 
 
+def paths_for(params: Params) -> ReportPaths:
+    """Per-round curves and epsilon come from the first (task, seed) of the study matrix:
+    the DP federation's when dp.enabled, otherwise the plain one's."""
+    family = "federated_dp" if params.dp.enabled else "federated"
+    tag = f"{params.study.tasks[0]}-s{params.train.seeds[0]}"
+    return ReportPaths(
+        live_dir=Path("reports/live") / family / tag / "plots" / "metrics",
+        federated=Path("reports/train") / family / f"{tag}.json",
+    )
+
+
 def main(params: Params) -> None:
     shutil.rmtree(FIGURES, ignore_errors=True)  # no figure left over from an earlier run
-    result = render_report(ReportPaths(), OUT_MD, OUT_HTML, FIGURES, context_from(params))
+    result = render_report(paths_for(params), OUT_MD, OUT_HTML, FIGURES, context_from(params))
     if result.absent:
         print("report: inputs not found (noted in the report): " + ", ".join(result.absent))
     print(

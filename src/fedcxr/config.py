@@ -101,7 +101,8 @@ class TrainConfig(_Section):
     lr: float = Field(1e-4, gt=0.0)
     batch_size: int = Field(32, gt=0)
     image_size: int = Field(128, ge=8, le=4096)  # must be <= resize.size (checked in Params)
-    epochs: int = Field(2, gt=0)  # pooled training epochs; federated training uses fl.*
+    epochs: int = Field(3, gt=0)  # pooled training epochs; keep = fl.rounds x fl.local_epochs
+    ddp_world_size: int = Field(2, gt=0)  # processes of the centralized DDP baseline
     num_workers: int = Field(0, ge=0)
     seeds: IntTuple = (42,)
     augment: bool = True
@@ -132,6 +133,28 @@ class FLConfig(_Section):
     round_timeout_s: int = Field(3600, gt=0)
 
 
+Task = Literal["multilabel", "pneumonia"]
+TaskTuple = Annotated[
+    tuple[Task, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+]
+
+
+class StudyConfig(_Section):
+    tasks: TaskTuple = ("multilabel", "pneumonia")  # every configuration is trained for each
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"expected a non-empty list of distinct tasks, found {list(value)}")
+        return value
+
+
+class EvaluateConfig(_Section):
+    n_boot: int = Field(1000, ge=100)  # bootstrap replicates (patients resampled)
+    threshold_rule: Literal["youden", "f1"] = "youden"  # chosen on validation splits only
+
+
 class Params(_Section):
     """Every section of params.yaml. Later stages add their sections here."""
 
@@ -141,11 +164,13 @@ class Params(_Section):
     deid: DeidConfig = DeidConfig()
     resize: ResizeConfig = ResizeConfig()
     partition: PartitionConfig = PartitionConfig()
-    task: Literal["multilabel", "pneumonia"] = "multilabel"
+    task: Task = "multilabel"
+    study: StudyConfig = StudyConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     dp: DPConfig = DPConfig()
     fl: FLConfig = FLConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("train")
     @classmethod

@@ -412,6 +412,7 @@ def summarize(state: FederationState, out_dir: Path, wall_s: float) -> dict[str,
                 "val_auroc": m.get("val_auroc"),
                 "bytes_to_site": o.get("bytes_sent", 0),
                 "bytes_from_site": o.get("bytes_received", 0),
+                "epoch_seconds": m.get("epoch_seconds"),
                 **({"epsilon": m["epsilon"]} if "epsilon" in m else {}),
             }
         ok = [s for s in sites.values() if s["accepted"]]

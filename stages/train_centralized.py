@@ -1,0 +1,49 @@
+"""DVC stage `train_centralized`: the pooled data trained with torch.distributed DDP over
+train.ddp_world_size processes (gloo on CPU, NCCL on GPU), launched with torchrun."""
+
+import json
+import shutil
+
+from _common import MODELS, matrix_entry, pooled_spec
+
+from fedcxr.config import Params
+from fedcxr.runs import CARD, RunCard, run_dir
+from fedcxr.stageio import run_stage, write_json
+from fedcxr.train.ddp import METRICS, TIMINGS, launch_ddp
+
+
+def main(params: Params) -> None:
+    params = matrix_entry(params, __doc__)
+    out = run_dir(MODELS, "centralized", params.task, params.seed)
+    shutil.rmtree(out, ignore_errors=True)
+    spec = pooled_spec(params, out)
+    world = params.train.ddp_world_size
+    launch_ddp(world, spec)
+    metrics = json.loads((out / METRICS).read_text())
+    timings = json.loads((out / TIMINGS).read_text())
+    seconds = timings["epoch_seconds"]
+    card = RunCard(
+        config="centralized",
+        task=spec.task,
+        seed=spec.seed,
+        arch=spec.arch,
+        dp_safe=spec.dp_safe,
+        image_size=spec.image_size,
+        epochs=spec.epochs,
+        time_per_epoch_s=sum(seconds) / len(seconds),
+        train_wall_s=timings["seconds_total"],
+        comm_bytes=int(metrics["allreduce_bytes"]),
+        comm_kind="allreduce",
+        world_size=world,
+        n_train=int(metrics["train_examples"]),
+        sites=tuple(f.name for f in spec.data),
+    )
+    write_json(out / CARD, card.to_json())
+    print(
+        f"train_centralized: {card.task} seed {card.seed}: DDP x{world}, "
+        f"{card.time_per_epoch_s:.1f}s/epoch, all-reduce {card.comm_bytes / 1e6:.1f} MB -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage("train_centralized", main)
