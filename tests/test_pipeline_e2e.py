@@ -128,3 +128,60 @@ def test_dvc_exp_run_reruns_only_touched_stages(tiny_repo: Path):
     result = _run(["dvc", "exp", "run", "partition", "-S", "resize.size=32"], tiny_repo)
     ran = {s for s in DATA_STAGES if f"Running stage '{s}'" in result.stdout}
     assert ran == {"resize", "partition"}, result.stdout
+
+
+TRAIN_STAGES = (
+    "train_federated",
+    "train_federated_dp",
+    "train_single_node",
+    "train_centralized",
+    "train_local",
+)
+
+
+def _ran(stdout: str) -> set[str]:
+    return {
+        line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")
+    }
+
+
+def test_study_pipeline_and_local_epochs_ablation(tiny_repo: Path):
+    """The whole study on a small sample: every configuration, evaluate and report; then
+    `dvc exp run -S fl.local_epochs=2` reruns only federated training and what follows, and
+    going back to 1 reproduces the first metrics exactly."""
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["data"]["synthetic"]["n_images"] = 240
+    params["evaluate"]["n_boot"] = 200
+    (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = _run(["dvc", "repro"], tiny_repo)
+    assert {s.split("@")[0] for s in _ran(first.stdout)} >= {*TRAIN_STAGES, "evaluate", "report"}
+    metrics = json.loads((tiny_repo / "reports/metrics.json").read_text())
+    for config in ("federated", "single_node", "centralized", "local_site-a"):
+        for task in ("multilabel", "pneumonia"):
+            entry = metrics[config][task]
+            assert 0.0 <= entry["auroc_macro"] <= 1.0, (config, task, entry)
+            assert entry["auroc_macro_lo"] <= entry["auroc_macro"] <= entry["auroc_macro_hi"]
+    assert "federated_vs_single_node" in metrics["comparisons"]["pneumonia"]
+    efficiency = json.loads((tiny_repo / "reports/efficiency.json").read_text())
+    assert efficiency["federated"]["multilabel"]["comm_kind"] == "grpc_wire"
+    assert efficiency["centralized"]["multilabel"]["comm_bytes"] > 0
+    html = (tiny_repo / "reports/report.html").read_text()
+    assert "Table 1" in html and "data:image/png;base64," in html and 'src="http' not in html
+    _run(["git", "add", "-A"], tiny_repo)
+    _run(["git", "commit", "-qm", "study"], tiny_repo)
+
+    changed = _run(["dvc", "exp", "run", "-S", "fl.local_epochs=2"], tiny_repo)
+    ran = {s.split("@")[0] for s in _ran(changed.stdout)}
+    assert ran == {"train_federated", "train_federated_dp", "evaluate", "report"}, changed.stdout
+    diff = _run(["dvc", "metrics", "diff", "--json"], tiny_repo).stdout
+    assert "federated.multilabel.auroc_macro" in diff, diff
+
+    back = _run(["dvc", "exp", "run", "-S", "fl.local_epochs=1"], tiny_repo)
+    assert {s.split("@")[0] for s in _ran(back.stdout)} <= {
+        "train_federated",
+        "train_federated_dp",
+        "evaluate",
+        "report",
+    }
+    again = json.loads((tiny_repo / "reports/metrics.json").read_text())
+    assert again == metrics

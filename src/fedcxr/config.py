@@ -35,9 +35,9 @@ class _Section(BaseModel):
 class SyntheticConfig(_Section):
     n_images: int = Field(2000, gt=0)
     miss_prob: float = Field(0.1, ge=0.0, le=1.0)
-    # Finding -> how many times likelier a patient with that finding is sampled (default: none,
-    # so prevalence stays NIH's). Useful when a small set must hold enough rare positives.
-    enrich: dict[str, float] = Field(default_factory=dict)
+    # Finding -> how many times likelier a patient with that finding is sampled. The default
+    # over-samples pneumonia so the small default test set holds positives; {} = NIH prevalence.
+    enrich: dict[str, float] = Field(default_factory=lambda: {"Pneumonia": 8.0})
     workers: int = Field(0, ge=0)  # 0 = one per CPU core
 
     @field_validator("enrich")
