@@ -42,7 +42,8 @@ def judge(
     a: Mapping[str, Any] | None,
     b: Mapping[str, Any] | None,
 ) -> Verdict:
-    """Judge AUROC(a) − AUROC(b): DeLong p < 0.05 first, then a paired t-test, then the CIs."""
+    """Judge AUROC(a) − AUROC(b): DeLong p < 0.05 first, then the paired patient bootstrap of
+    the difference, then a paired t-test over seeds, then whether the two CIs overlap."""
     comparison = comparison or {}
     diff = fmt.number(comparison.get("auroc_diff"))
     if diff is None and a and b:
@@ -57,7 +58,20 @@ def judge(
         if overlap
         else "the two 95% CIs do not overlap"
     )
-    for name, test in (("delong_p", "DeLong"), ("ttest_p", "paired t-test over seeds")):
+    lo, hi = (
+        fmt.number(comparison.get("auroc_diff_lo")),
+        fmt.number(comparison.get("auroc_diff_hi")),
+    )
+    if lo is not None and hi is not None:
+        ci_text = f"paired 95% CI of the difference {lo:+.3f} to {hi:+.3f}" + (
+            f"; {ci_text}" if ci_text else ""
+        )
+    tests = (
+        ("delong_p", "DeLong"),
+        ("bootstrap_p", "paired patient bootstrap"),
+        ("ttest_p", "paired t-test over seeds"),
+    )
+    for name, test in tests:
         p = fmt.number(comparison.get(name))
         if p is not None:
             sign = "<" if p < ALPHA else "≥"
@@ -78,6 +92,9 @@ def _compare_pair(
         flipped = dict(comps[f"{b}_vs_{a}"])
         if fmt.number(flipped.get("auroc_diff")) is not None:
             flipped["auroc_diff"] = -float(flipped["auroc_diff"])
+        lo, hi = fmt.number(flipped.get("auroc_diff_lo")), fmt.number(flipped.get("auroc_diff_hi"))
+        if lo is not None and hi is not None:
+            flipped["auroc_diff_lo"], flipped["auroc_diff_hi"] = -hi, -lo
         comparison = flipped
     return judge(comparison, configs.get(a, {}).get(task), configs.get(b, {}).get(task))
 
