@@ -156,12 +156,15 @@ def test_study_pipeline_and_local_epochs_ablation(tiny_repo: Path):
     first = _run(["dvc", "repro"], tiny_repo)
     assert {s.split("@")[0] for s in _ran(first.stdout)} >= {*TRAIN_STAGES, "evaluate", "report"}
     metrics = json.loads((tiny_repo / "reports/metrics.json").read_text())
+    # 240 images leave no pneumonia positive in the 22-image test set: evaluate says so and
+    # leaves that task out instead of failing; the 14-finding task is evaluated.
+    assert "skipping task 'pneumonia'" in first.stderr
     for config in ("federated", "single_node", "centralized", "local_site-a"):
-        for task in ("multilabel", "pneumonia"):
-            entry = metrics[config][task]
-            assert 0.0 <= entry["auroc_macro"] <= 1.0, (config, task, entry)
-            assert entry["auroc_macro_lo"] <= entry["auroc_macro"] <= entry["auroc_macro_hi"]
-    assert "federated_vs_single_node" in metrics["comparisons"]["pneumonia"]
+        entry = metrics[config]["multilabel"]
+        assert "pneumonia" not in metrics[config]
+        assert 0.0 <= entry["auroc_macro"] <= 1.0, (config, entry)
+        assert entry["auroc_macro_lo"] <= entry["auroc_macro"] <= entry["auroc_macro_hi"]
+    assert "federated_vs_single_node" in metrics["comparisons"]["multilabel"]
     efficiency = json.loads((tiny_repo / "reports/efficiency.json").read_text())
     assert efficiency["federated"]["multilabel"]["comm_kind"] == "grpc_wire"
     assert efficiency["centralized"]["multilabel"]["comm_bytes"] > 0

@@ -20,6 +20,7 @@ Rules that make the numbers honest:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -701,6 +702,15 @@ def evaluate_all(
     result = Evaluation(metrics={}, efficiency={}, roc={})
     for task in TASKS:
         names = label_columns(task)
+        if not any(len(np.unique(test_index[name].to_numpy())) == 2 for name in names):
+            # A small test set can lack positives entirely (e.g. pneumonia in a few hundred
+            # images): no metric of this task is defined, so it is left out, and said so.
+            print(
+                f"evaluate: skipping task {task!r}: no label in {test_dir} has both classes "
+                f"({len(test_index)} test images); enlarge the test set or enrich the data",
+                file=sys.stderr,
+            )
+            continue
         configs: dict[str, ConfigResult] = {}
         Y = np.zeros((0, len(names)), dtype=np.int64)
         for config, runs in [(c, r) for (t, c), r in grouped.items() if t == task]:
