@@ -7,9 +7,10 @@ import shutil
 from _common import MODELS, matrix_entry, pooled_spec
 
 from fedcxr.config import Params
-from fedcxr.runs import CARD, RunCard, run_dir
+from fedcxr.runs import CARD, run_dir
 from fedcxr.stageio import run_stage, write_json
 from fedcxr.train.ddp import METRICS, TIMINGS, launch_ddp
+from fedcxr.train.pooled import spec_card
 
 
 def main(params: Params) -> None:
@@ -21,22 +22,15 @@ def main(params: Params) -> None:
     launch_ddp(world, spec)
     metrics = json.loads((out / METRICS).read_text())
     timings = json.loads((out / TIMINGS).read_text())
-    seconds = timings["epoch_seconds"]
-    card = RunCard(
-        config="centralized",
-        task=spec.task,
-        seed=spec.seed,
-        arch=spec.arch,
-        dp_safe=spec.dp_safe,
-        image_size=spec.image_size,
-        epochs=spec.epochs,
-        time_per_epoch_s=sum(seconds) / len(seconds),
+    card = spec_card(
+        spec,
+        "centralized",
+        epoch_seconds=timings["epoch_seconds"],
         train_wall_s=timings["seconds_total"],
         comm_bytes=int(metrics["allreduce_bytes"]),
         comm_kind="allreduce",
         world_size=world,
         n_train=int(metrics["train_examples"]),
-        sites=tuple(f.name for f in spec.data),
     )
     write_json(out / CARD, card.to_json())
     print(

@@ -44,11 +44,10 @@ def to_chunks(
     data: bytes,
     header: pb.UpdateHeader | None = None,
     chunk_bytes: int = CHUNK_BYTES,
-    digest: str | None = None,
 ) -> Iterator[pb.Chunk]:
     """Split a payload into chunks; the first carries the header, the last the SHA-256."""
     total = len(data)
-    digest = digest or sha256_hex(data)
+    digest = sha256_hex(data)
     offsets = range(0, total, chunk_bytes) if total else range(1)
     last = offsets[-1]
     for offset in offsets:

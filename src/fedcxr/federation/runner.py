@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import yaml
 from opacus.accountants import RDPAccountant
-from safetensors.torch import save_file
 
 from fedcxr import audit as ev
 from fedcxr.audit import AuditLog, verify
@@ -41,7 +40,7 @@ from fedcxr.train.loop import (
     threads_per_process,
     train_epoch,
 )
-from fedcxr.transport import sha256_hex, state_to_bytes
+from fedcxr.transport import file_sha256, write_state_file
 
 State = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -397,7 +396,7 @@ def summarize(state: FederationState, out_dir: Path, wall_s: float) -> dict[str,
     """Write model.safetensors and history.json; the run's summary (per round and per site)."""
     final = state.global_state()
     state.close()
-    save_file({k: v.contiguous() for k, v in final.items()}, str(out_dir / MODEL))
+    write_state_file(out_dir / MODEL, final)
     history = state.history
     write_json(out_dir / HISTORY, history)
     per_round = []
@@ -432,7 +431,7 @@ def summarize(state: FederationState, out_dir: Path, wall_s: float) -> dict[str,
         "sites": list(state.sites),
         "per_round": per_round,
         "final_val_auroc": per_round[-1]["val_auroc"] if per_round else None,
-        "model_sha256": sha256_hex(state_to_bytes(final)),
+        "model_sha256": file_sha256(out_dir / MODEL),
         "audit_ok": audit.ok,
         "audit_last_hash": audit.last_hash,
         "wall_s": round(wall_s, 3),

@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fedcxr.runs import RunCard, write_run
 from fedcxr.train.ddp import DDPSpec, make_pooled_setup, make_rank_loader, set_loader_epoch
 from fedcxr.train.loop import pick_device, plain_state_dict, train_epoch
+
+
+def spec_card(
+    spec: DDPSpec,
+    config: str,
+    *,
+    epoch_seconds: list[float],
+    train_wall_s: float,
+    comm_bytes: int,
+    comm_kind: str,
+    world_size: int,
+    n_train: int,
+) -> RunCard:
+    """The run card of a pooled (one process or DDP) run of `spec`."""
+    return RunCard(
+        config=config,
+        task=spec.task,
+        seed=spec.seed,
+        arch=spec.arch,
+        dp_safe=spec.dp_safe,
+        image_size=spec.image_size,
+        epochs=spec.epochs,
+        time_per_epoch_s=sum(epoch_seconds) / len(epoch_seconds),
+        train_wall_s=train_wall_s,
+        comm_bytes=comm_bytes,
+        comm_kind=comm_kind,
+        world_size=world_size,
+        n_train=n_train,
+        sites=tuple(Path(f).name for f in spec.data),
+    )
 
 
 def train_pooled(spec: DDPSpec, config: str, *, progress: bool = True) -> RunCard:
@@ -31,26 +60,15 @@ def train_pooled(spec: DDPSpec, config: str, *, progress: bool = True) -> RunCar
             f"({stats.seconds:.1f}s)",
             flush=True,
         )
-    card = RunCard(
-        config=config,
-        task=spec.task,
-        seed=spec.seed,
-        arch=spec.arch,
-        dp_safe=spec.dp_safe,
-        image_size=spec.image_size,
-        epochs=spec.epochs,
-        time_per_epoch_s=sum(seconds) / len(seconds),
+    card = spec_card(
+        spec,
+        config,
+        epoch_seconds=seconds,
         train_wall_s=time.perf_counter() - start,
         comm_bytes=0,
         comm_kind="none",
         world_size=1,
         n_train=len(dataset),
-        sites=tuple(Path(f).name for f in spec.data),
     )
     write_run(spec.out, plain_state_dict(setup.model), card)
     return card
-
-
-def site_spec(spec: DDPSpec, folder: Path, out: Path) -> DDPSpec:
-    """The same run restricted to one site's folder, written to `out`."""
-    return replace(spec, data=(Path(folder),), out=Path(out))
