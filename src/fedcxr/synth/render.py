@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from fedcxr.labels import BBOX_LABEL_ALIASES, FINDINGS
+from fedcxr.synth import detmath as dm
 
 __all__ = ["N_SCANNERS", "RenderSpec", "drawn_findings", "render"]
 
@@ -374,7 +375,7 @@ def _draw_anatomy(ctx: _Ctx) -> np.ndarray:
     ctx.cover = cover
     ctx.abd = abd
     spine = _ss(0.034, 0.026, np.abs(dxm - an.med_shift * 0.3))
-    vb = 0.5 + 0.5 * np.cos((y - an.ya) * (2.0 * math.pi / 0.036))
+    vb = 0.5 + 0.5 * dm.cos((y - an.ya) * (2.0 * math.pi / 0.036))
     d += spine * (0.045 + 0.02 * vb)
     carina = an.hil_y - 0.07
     ts = _span(ctx, an.cx - 0.1, an.cx + 0.1)
@@ -400,14 +401,14 @@ def _draw_anatomy(ctx: _Ctx) -> np.ndarray:
     ta = 0.5 * (an.mw + an.tw)
     per = np.minimum(np.abs(tw_ - ta) * (1.0 / (0.5 * (an.tw - an.mw))), 1.0)
     air_w = (0.33 * an.lucency) * (0.72 + 0.28 * _ss(an.ya, an.ya + 0.22, yw))
-    air_w = air_w * (1.0 - 0.35 * per**4) * (1.0 + 0.04 * tex[ws])
+    air_w = air_w * (1.0 - 0.35 * (per * per) ** 2) * (1.0 + 0.04 * tex[ws])
     hx = np.where(rw, np.float32(mx + an.hil_dx), np.float32(mx - an.hil_dx))
     hdx = xw - hx
     hdy = yw - an.hil_y
     r = np.sqrt(hdx * hdx + hdy * hdy)
-    theta = np.arctan2(hdy, np.where(rw, hdx, -hdx))
+    theta = dm.arctan2(hdy, np.where(rw, hdx, -hdx))
     vess_w = _vessels(an, theta, r, rw)
-    hil = np.exp(-((hdx * (1.0 / 0.03)) ** 2 + (hdy * (1.0 / 0.055)) ** 2))
+    hil = dm.exp(-((hdx * (1.0 / 0.03)) ** 2 + (hdy * (1.0 / 0.055)) ** 2))
     vess_w = vess_w * an.mark_gain + 0.5 * hil
     # Pneumothorax: darker, markingless rim outside the collapsed lung, thin pleural line.
     for side, frac in an.ptx:
@@ -437,10 +438,10 @@ def _vessels(an: _Anatomy, theta: np.ndarray, r: np.ndarray, right: np.ndarray) 
     idx = right.astype(np.int32) * (nt * nr) + it * nr + ir
     # Main trunks: wide near the hilum, tapering; branches: thinner, fade sooner.
     wa = 0.02 / (r + 0.03) + 0.04
-    main = np.exp(-((fa[idx] / wa) ** 2))
+    main = dm.exp(-((fa[idx] / wa) ** 2))
     wb = 0.01 / (r + 0.03) + 0.03
-    branch = np.exp(-((fb[idx] / wb) ** 2)) * _ss(0.02, 0.08, r)
-    amp = np.exp(-r / 0.15) * _ss(0.0, 0.04, r)
+    branch = dm.exp(-((fb[idx] / wb) ** 2)) * _ss(0.02, 0.08, r)
+    amp = dm.exp(-r / 0.15) * _ss(0.0, 0.04, r)
     return _blur(np.maximum(main, 0.6 * branch) * amp, 1)
 
 
@@ -456,7 +457,7 @@ def _draw_bones(ctx: _Ctx) -> np.ndarray:
     rw = 0.42
     soft = min(0.12, 2.5 * e / sp)
     band = _ss(0.0, soft, p) * _ss(rw, rw - soft, p)
-    cortex = 0.7 + 0.6 * np.abs(2.0 * p / rw - 1.0) ** 4
+    cortex = 0.7 + 0.6 * (np.abs(2.0 * p / rw - 1.0) ** 2) ** 2
     valid = _ss(-0.2, 0.0, k) * _ss(10.4, 10.0, k)
     lat = _ss(0.06, 0.16, tn) * _ss(1.14, 1.04, tn)
     below = (1.0 - 0.6 * ctx.abd) * (1.0 - 0.6 * ctx.cover)
@@ -476,7 +477,7 @@ def _draw_bones(ctx: _Ctx) -> np.ndarray:
     )
     # Clavicles.
     yc0 = an.ya + (-0.005 if an.ap else 0.035)
-    yc = yc0 - 0.05 * tn + 0.018 * np.sin(math.pi * np.clip(tn, 0.0, 1.0))
+    yc = yc0 - 0.05 * tn + 0.018 * dm.sin(math.pi * np.clip(tn, 0.0, 1.0))
     thick = 0.012 + 0.004 * _ss(0.4, 0.1, tn)
     clav = _ss(thick + e, thick - e, np.abs(y - yc)) * _ss(0.07, 0.13, tn) * _ss(1.05, 0.92, tn)
     bones += 0.12 * clav
@@ -731,7 +732,7 @@ def _draw_finding(
             ctx.fill[sl] = np.maximum(ctx.fill[sl], 0.9 * band)
             ctx.extra[sl] += 0.02 * band
             # Some haze around the collapsed segment.
-            haze = np.exp(-((pe / (4 * th)) ** 2)) * _ss(half * 1.2, half * 0.5, np.abs(al))
+            haze = dm.exp(-((pe / (4 * th)) ** 2)) * _ss(half * 1.2, half * 0.5, np.abs(al))
             ctx.fill[sl] = np.maximum(ctx.fill[sl], 0.3 * haze)
     elif finding == "Edema":
         for side in (0, 1):
@@ -739,7 +740,7 @@ def _draw_finding(
             hx = an.cx + an.med_shift + s * (an.hil_dx + 0.04)
             r2 = ((x - hx) / 0.14) ** 2 + ((y - an.hil_y - 0.02) / 0.16) ** 2
             noise = _field(rng, (10, 10), ctx.n, ctx.n)
-            bat = 0.75 * np.exp(-r2) * (1.0 + 0.25 * noise)
+            bat = 0.75 * dm.exp(-r2) * (1.0 + 0.25 * noise)
             sel = ctx.right if side else ~ctx.right
             ctx.fill = np.maximum(ctx.fill, np.clip(bat, 0, 1) * sel)
         # Kerley B lines: short horizontal lines at the lateral bases.
@@ -805,9 +806,9 @@ def _draw_finding(
             m, r = _ellipse(gx, gy, cx, cy, rad, rad * 0.85, e)
             level = cy + rad * rng.uniform(-0.3, 0.2)
             air_part = m * _ss(level + e, level - e, gy)
-            wall = np.exp(-((((r - 1.0) * rad) / (1.5 * e)) ** 2))
+            wall = dm.exp(-((((r - 1.0) * rad) / (1.5 * e)) ** 2))
             ctx.extra[sl] += -0.2 * air_part + 0.07 * m * (1.0 - air_part) + 0.05 * wall
-            lvl = np.exp(-(((gy - level) / e) ** 2)) * m
+            lvl = dm.exp(-(((gy - level) / e) ** 2)) * m
             ctx.extra[sl] += 0.06 * lvl
 
 
@@ -899,7 +900,7 @@ def _finish(spec: RenderSpec, an: _Anatomy, ctx: _Ctx, d: np.ndarray, size: int)
     img = _warp(an, ctx, d)
     w = img.shape[0]
     grad = (np.arange(w, dtype=np.float32) / w - 0.5)[:, None] * heel
-    img = np.clip(img * (1.0 + an.exposure) + grad, 0.0, 1.0) ** gamma
+    img = dm.power(np.clip(img * (1.0 + an.exposure) + grad, 0.0, 1.0), gamma)
     img = offset + gain * img
     if blur:
         img = _blur(img, blur)
