@@ -13,6 +13,11 @@ OUT = Path("data/deid")
 REPORT = Path("reports/deid.json")
 
 
+def _print_warnings(report: dict) -> None:
+    for warning in report["warnings"]["listed"]:
+        print(f"deid: warning: {warning['message']}")
+
+
 def main(params: Params) -> None:
     manifest = pd.read_csv(MANIFEST, dtype=str, keep_default_na=False)
     manifest["age"] = pd.to_numeric(manifest["age"], errors="coerce")
@@ -22,6 +27,7 @@ def main(params: Params) -> None:
     except DeidError as exc:
         if exc.report is not None:
             write_json(REPORT, exc.report)
+            _print_warnings(exc.report)
         raise
     report["params"] = resolved(params.deid)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -29,8 +35,10 @@ def main(params: Params) -> None:
     write_json(REPORT, report)
     print(
         f"deid: {report['images']} images, {report['violations']} violation(s), "
-        f"passed={report['passed']} -> {OUT / 'metadata.csv'}, {REPORT}"
+        f"{report['warnings']['count']} warning(s), passed={report['passed']} "
+        f"-> {OUT / 'metadata.csv'}, {REPORT}"
     )
+    _print_warnings(report)
 
 
 if __name__ == "__main__":

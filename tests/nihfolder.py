@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import struct
 import tarfile
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,8 @@ PHI_NAME = "Jane Doe"
 PHI_COMMENT = "Patient: DOE^JANE"
 EXTRA_COLUMN = "Patient Name"
 SECRET_ENV = "FEDCXR_DEID_SECRET"
-TEST_SECRET = "0123456789abcdef-test-only-secret"
+# A strong key as `openssl rand -hex 32` makes one (test only; real keys stay outside git).
+TEST_SECRET = "660b1bd617238ac7903ca1a7e861e5945d54fb64f2b74a5657e1d6f33f02f05d"
 
 
 def image_name(pid: int, k: int) -> str:
@@ -63,6 +67,42 @@ def text_info(*pairs: tuple[str, str]) -> PngImagePlugin.PngInfo:
     return info
 
 
+def png_chunk(ctype: str, data: bytes) -> bytes:
+    """One PNG chunk as stored: length, type, data, CRC."""
+    tag = ctype.encode("latin-1")
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def text_chunk(keyword: str, text: str) -> bytes:
+    return png_chunk("tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1"))
+
+
+def ztxt_chunk(keyword: str, text: str) -> bytes:
+    body = keyword.encode("latin-1") + b"\0\0" + zlib.compress(text.encode("latin-1"))
+    return png_chunk("zTXt", body)
+
+
+def itxt_chunk(keyword: str, text: str, compressed: bool = False) -> bytes:
+    data = text.encode("utf-8")
+    head = keyword.encode("latin-1") + b"\0" + bytes([int(compressed), 0]) + b"en\0\0"
+    return png_chunk("iTXt", head + (zlib.compress(data) if compressed else data))
+
+
+def exif_chunk(**tags: str) -> bytes:
+    """An eXIf chunk holding real EXIF (TIFF) data; tags by name, e.g. Artist='…'."""
+    exif = Image.Exif()
+    ids = {"ImageDescription": 0x010E, "Artist": 0x013B, "Copyright": 0x8298}
+    for name, value in tags.items():
+        exif[ids[name]] = value
+    return png_chunk("eXIf", exif.tobytes()[6:])  # without the 'Exif\0\0' JPEG header
+
+
+def with_chunks(png: bytes, chunks: Sequence[bytes]) -> bytes:
+    """The PNG with raw chunks inserted right after IHDR (before any image data)."""
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    return png[:ihdr_end] + b"".join(chunks) + png[ihdr_end:]
+
+
 def _labels(rng: np.random.Generator) -> str:
     roll = rng.random()
     if roll < 0.4:
@@ -91,13 +131,18 @@ def make_nih_folder(
     archive_count: int = 3,
     extra_column: bool = False,
     ages: dict[int, str] | None = None,
+    chunks: dict[int, Sequence[bytes]] | None = None,
+    file_names: dict[int, str] | None = None,
+    extra_values: dict[int, str] | None = None,
 ) -> dict:
     """Write root/Data_Entry_2017[_v2020].csv and root/images/*.png; return what was built.
 
     Special cases are placed on fixed rows (RGBA on row 0, 16-bit on row 1, truncated on
     row 2, patient-name tEXt on row 3, harmless tEXt on row 4; the missing image is the last
     row; the archive holds the `archive_count` rows before it). `ages` maps row numbers to
-    raw 'Patient Age' strings. The returned dict names every file so tests can assert on it.
+    raw 'Patient Age' strings, `chunks` to raw PNG chunks (png_chunk & co.) inserted into that
+    row's image, `file_names` to file names used instead of NIH's, `extra_values` to values of the
+    extra column. The returned dict names every file so tests can assert on it.
     """
     if layout not in METADATA_NAMES:
         raise ValueError(f"layout must be one of {sorted(METADATA_NAMES)}")
@@ -128,6 +173,10 @@ def make_nih_folder(
             )
     for i, raw_age in (ages or {}).items():
         rows[i]["Patient Age"] = raw_age
+    for i, name in (file_names or {}).items():
+        rows[i]["Image Index"] = name
+    for i, value in (extra_values or {}).items():
+        rows[i][EXTRA_COLUMN] = value
     names = [r["Image Index"] for r in rows]
 
     built: dict = {
@@ -161,6 +210,8 @@ def make_nih_folder(
         if name not in built["files"]:
             built["files"][name] = gray_png(rng, size)
             built["modes"][name] = "L"
+    for i, raw_chunks in (chunks or {}).items():
+        built["files"][names[i]] = with_chunks(built["files"][names[i]], raw_chunks)
 
     with_files = list(names)
     if missing_image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from nihfolder import (
     make_nih_folder,
 )
 
-from fedcxr.config import DeidConfig, IngestConfig
+from fedcxr.config import DeidConfig, IngestConfig, load_params
 from fedcxr.deid import (
     OUTPUT_COLUMNS,
     DeidError,
@@ -35,6 +36,7 @@ KEY = Secret(b"k" * 32, "test key", development=False)
 OTHER_KEY = Secret(b"z" * 32, "other test key", development=False)
 # Fragments of the planted PHI that must never reach a de-identification output or report.
 PHI_FRAGMENTS = ("Jane", "Doe", "DOE", "JANE", "Person ")
+STAGES = Path(__file__).resolve().parents[1] / "stages"
 
 
 def _manifest(root: Path, **kwargs) -> tuple[pd.DataFrame, dict]:
@@ -66,7 +68,17 @@ def phi(tmp_path) -> tuple[pd.DataFrame, dict]:
 
 def test_png_text_patient_name_is_a_redacted_violation(phi):
     manifest, built = phi
-    assert PHI_NAME in manifest.set_index("image_index").loc[built["phi_text"], "chunks"]
+    # Ingest describes the chunks without their text; deid still finds the PHI.
+    described = json.loads(manifest.set_index("image_index").loc[built["phi_text"], "chunks"])
+    assert [(c["type"], c["keyword"], c["phi"]) for c in described] == [
+        ("tEXt", "Author", True),
+        ("tEXt", "Comment", True),
+    ]
+    assert all(
+        set(c) == {"type", "keyword", "length", "phi", "looks_like", "hmac"} for c in described
+    )
+    for fragment in (PHI_NAME, PHI_COMMENT, *PHI_FRAGMENTS):
+        assert fragment not in manifest.to_csv()
     with pytest.raises(DeidError) as caught:
         deidentify(manifest, FAIL, KEY)
     report = caught.value.report
@@ -82,7 +94,9 @@ def test_png_text_patient_name_is_a_redacted_violation(phi):
         assert violation["content"].startswith("<redacted")
         assert violation["looks_like"]
     by_keyword = {v["keyword"]: v for v in listed}
-    assert any("Author" in r for r in by_keyword["Author"]["looks_like"])
+    assert by_keyword["Author"]["looks_like"] == [
+        "person name or identifier (keyword names a person or patient)"
+    ]
     assert any("Last^First" in r for r in by_keyword["Comment"]["looks_like"])
     # The harmless Software chunk is looked at but is no violation.
     assert ids[built["harmless_text"]] not in {v["image_id"] for v in listed}
@@ -125,8 +139,9 @@ def test_time_chunk_and_non_nih_file_name_are_violations(clean_folder):
     manifest, _ = ingest(clean_folder["root"], IngestConfig(workers=1))
     assert deidentify(manifest, FAIL, KEY)[1]["passed"] is True
     manifest = manifest.copy()
+    # A tIME chunk as ingest describes it; deid adds the date reason from its type alone.
     manifest.loc[0, "chunks"] = json.dumps(
-        [{"type": "tIME", "keyword": "", "text": "2019-03-04 05:06:07"}]
+        [{"type": "tIME", "keyword": "", "length": 7, "phi": False, "looks_like": [], "hmac": ""}]
     )
     manifest.loc[1, "image_index"] = "DOE_JANE_chest.png"
     with pytest.raises(DeidError) as caught:
@@ -136,6 +151,8 @@ def test_time_chunk_and_non_nih_file_name_are_violations(clean_folder):
     assert report["checks"]["file_names"]["violations"]["count"] == 1
     listed = report["checks"]["png_chunks"]["violations"]["listed"]
     assert [v["chunk"] for v in listed] == ["tIME"]
+    assert listed[0]["looks_like"] == ["date (tIME: last-modification time)"]
+    assert listed[0]["content"] == "<redacted, 7 bytes>"
     assert "2019-03-04" not in json.dumps(report)
     assert "DOE_JANE" not in json.dumps(report)
 
@@ -209,9 +226,14 @@ def test_ages_over_89_become_90_and_impossible_ones_are_flagged(tmp_path):
     impossible = report["checks"]["ages"]["impossible"]
     assert {(i["image_id"], i["value"]) for i in impossible["listed"]} == {
         (ids[names[2]], "414"),
-        (ids[names[3]], "abc"),
+        (ids[names[3]], "<withheld>"),  # text in the age column is never shown
         (ids[names[6]], "-3"),
     }
+    assert report["warnings"]["count"] == 3
+    [warning] = report["warnings"]["listed"]
+    assert warning["check"] == "ages.impossible"
+    assert warning["count"] == 3
+    assert "3 impossible age(s)" in warning["message"]
     assert "capped 2 ages at 90" in report["actions"]
     assert report["passed"] is True  # capping is an action, not a violation
 
@@ -227,7 +249,6 @@ def test_pseudonyms_stable_for_a_secret_and_different_for_another(phi):
     other, _ = deidentify(manifest, SCRUB, OTHER_KEY)
     assert not set(first["image_id"]) & set(other["image_id"])
     assert not set(first["patient_id"]) & set(other["patient_id"])
-    assert KEY.key_id != OTHER_KEY.key_id
 
 
 def test_pseudonym_shape():
@@ -264,7 +285,7 @@ def test_resolve_secret_nih_uses_the_environment_variable():
     assert secret.development is False
     assert SECRET_ENV in secret.source
     assert TEST_SECRET not in secret.source
-    assert TEST_SECRET not in secret.key_id
+    assert TEST_SECRET not in repr(secret)
 
 
 def test_resolve_secret_file(tmp_path):
@@ -275,10 +296,92 @@ def test_resolve_secret_file(tmp_path):
     assert secret.key == TEST_SECRET.encode()
     assert secret.development is False
     key_file.write_text("short\n")
-    with pytest.raises(DeidError, match="16 bytes"):
+    with pytest.raises(DeidError, match="64 hexadecimal digits") as caught:
         resolve_secret(cfg, synthetic=False, environ={})
+    assert str(key_file) in str(caught.value)
+    assert "openssl rand -hex 32" in str(caught.value)
     with pytest.raises(DeidError, match="does not exist"):
         resolve_secret(DeidConfig(secret_file=str(tmp_path / "nope")), False, environ={})
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [
+        ("x", "1 characters of text that is not hexadecimal"),
+        ("hospital1", "9 characters of text that is not hexadecimal"),
+        ("correct horse battery staple, twice", "not hexadecimal (a passphrase)"),
+        ("ab" * 31, "62 hexadecimal digits"),
+    ],
+)
+def test_weak_keys_are_refused_naming_the_variable_and_the_fix(value, found):
+    with pytest.raises(DeidError) as caught:
+        resolve_secret(DeidConfig(), synthetic=False, environ={SECRET_ENV: value})
+    message = str(caught.value)
+    assert SECRET_ENV in message
+    assert found in message
+    assert "openssl rand -hex 32" in message
+    if len(value) > 2:
+        assert value not in message  # the key is never echoed
+
+
+def test_strong_keys_are_accepted_as_given():
+    hex_key = "A1" * 32
+    secret = resolve_secret(DeidConfig(), synthetic=False, environ={SECRET_ENV: f" {hex_key}\n"})
+    assert secret.key == hex_key.encode()  # used as written: existing pseudonyms stay
+    assert secret.source == f"environment variable {SECRET_ENV}"
+    assert hex_key not in repr(secret)
+
+
+def test_binary_key_file_needs_32_bytes(tmp_path):
+    key_file = tmp_path / "deid.key"
+    cfg = DeidConfig(secret_file=str(key_file))
+    key_file.write_bytes(bytes(range(128, 160)))  # 32 bytes, not text
+    assert resolve_secret(cfg, synthetic=False, environ={}).key == bytes(range(128, 160))
+    key_file.write_bytes(bytes(range(128, 159)))
+    with pytest.raises(DeidError, match=r"found 31 bytes of binary data"):
+        resolve_secret(cfg, synthetic=False, environ={})
+
+
+def test_report_holds_no_value_derived_from_the_key_but_pseudonyms(phi):
+    """Two keys: once pseudonyms are mapped back to what they stand for, the reports are equal,
+    so nothing else in them depends on the key (nothing to test key guesses against)."""
+    manifest, _ = phi
+    first_key = Secret(bytes.fromhex(TEST_SECRET), "one source", development=False)
+    second_key = Secret(b"\x07" * 32, "one source", development=False)
+
+    def unkeyed(secret: Secret) -> str:
+        _, report = deidentify(manifest, SCRUB, secret)
+        text = json.dumps(report, sort_keys=True)
+        for row in manifest.itertuples():
+            text = text.replace(pseudonym(secret.key, "image", row.image_index), "IMAGE")
+            text = text.replace(pseudonym(secret.key, "patient", row.patient_id), "PATIENT")
+        return text
+
+    first, second = unkeyed(first_key), unkeyed(second_key)
+    assert first == second
+    assert "secret_id" not in first and "key_id" not in first
+
+
+def test_manifest_with_chunk_text_from_an_older_ingest_is_refused_without_echoing_it(phi):
+    manifest, _ = phi
+    old = manifest.copy()
+    old.loc[3, "chunks"] = json.dumps([{"type": "tEXt", "keyword": "Author", "text": PHI_NAME}])
+    with pytest.raises(DeidError, match="older ingest") as caught:
+        deidentify(old, SCRUB, KEY)
+    assert PHI_NAME not in str(caught.value)
+
+
+def test_unknown_chunk_keyword_is_withheld_in_the_report(tmp_path):
+    manifest, _ = _manifest(tmp_path / "nih")
+    manifest.loc[0, "chunks"] = json.dumps(
+        [{"type": "tEXt", "keyword": "Jane Doe", "length": 9, "phi": True, "looks_like": []}]
+    )
+    with pytest.raises(DeidError) as caught:
+        deidentify(manifest, FAIL, KEY)
+    [listed] = caught.value.report["checks"]["png_chunks"]["violations"]["listed"]
+    assert listed["keyword"] == "<withheld keyword>"
+    assert listed["looks_like"] == ["flagged by ingest"]
+    assert "Jane" not in json.dumps(caught.value.report)
 
 
 # --- phi_reasons -----------------------------------------------------------------------------
@@ -308,7 +411,9 @@ def test_phi_reasons_detects(text, label):
 
 
 def test_phi_reasons_person_keyword():
-    assert phi_reasons("Author", "Jane Doe") == ["person name or identifier (keyword 'Author')"]
+    assert phi_reasons("Author", "Jane Doe") == [
+        "person name or identifier (keyword names a person or patient)"
+    ]
     assert phi_reasons("PatientName", "x")
     assert phi_reasons("Author", "   ") == []
 
@@ -333,7 +438,12 @@ def test_stage_after_ingest_writes_report_and_metadata(tmp_path, workdir, write_
     built = make_nih_folder(tmp_path / "nih", phi_text=True, harmless_text=True, extra_column=True)
     write_params(workdir, built["root"])
     env = {SECRET_ENV: TEST_SECRET}
-    assert run_stage(workdir, "ingest").returncode == 0
+    # Ingest keys its hashes with the pseudonymization secret: refused without one.
+    no_secret = run_stage(workdir, "ingest")
+    assert no_secret.returncode != 0
+    assert SECRET_ENV in no_secret.stderr
+    assert not (workdir / "data/ingest/manifest.csv").exists()
+    assert run_stage(workdir, "ingest", env).returncode == 0
 
     # Real data without a secret: refused, naming the variable.
     no_secret = run_stage(workdir, "deid")
@@ -358,7 +468,7 @@ def test_stage_after_ingest_writes_report_and_metadata(tmp_path, workdir, write_
     patient_ids = report["checks"]["patient_ids"]
     assert patient_ids["secret"] == f"environment variable {SECRET_ENV}"
     assert patient_ids["development_secret"] is False
-    assert patient_ids["secret_id"] == Secret(TEST_SECRET.encode(), "", False).key_id
+    assert "secret_id" not in patient_ids
     assert TEST_SECRET not in report_text
     for fragment in PHI_FRAGMENTS:
         assert fragment not in report_text
@@ -370,13 +480,55 @@ def test_stage_after_ingest_writes_report_and_metadata(tmp_path, workdir, write_
     _assert_no_raw_identifiers(metadata_text, built)
     for fragment in PHI_FRAGMENTS:
         assert fragment not in metadata_text
-    manifest = pd.read_csv(workdir / "data/ingest/manifest.csv", dtype=str)
-    # The planted identifiers did reach deid (so their absence above means something).
+    manifest = pd.read_csv(workdir / "data/ingest/manifest.csv", dtype=str, keep_default_na=False)
+    # The planted PHI reached deid as descriptions only: the manifest (a DVC output, so also
+    # in .dvc/cache) holds neither the chunk text nor the extra column's values, yet deid
+    # found both (the report above lists them).
     manifest_text = (workdir / "data/ingest/manifest.csv").read_text()
-    assert PHI_NAME in manifest_text
-    with pytest.raises(AssertionError):
-        _assert_no_raw_identifiers(manifest_text, built)
+    for fragment in (PHI_NAME, PHI_COMMENT, *PHI_FRAGMENTS, *built["extra_values"]):
+        assert fragment not in manifest_text
+    chunks = report["checks"]["png_chunks"]["violations"]
+    assert chunks["count"] == 2
+    assert [c["column"] for c in report["checks"]["columns"]["violations"]] == [EXTRA_COLUMN]
+    assert set(manifest[EXTRA_COLUMN]) == {""}
     for row in metadata.itertuples():
         source = manifest.iloc[row.manifest_row]
         assert row.image_id == pseudonym(TEST_SECRET.encode(), "image", source["image_index"])
         assert row.patient_id == pseudonym(TEST_SECRET.encode(), "patient", source["patient_id"])
+
+
+def test_stage_console_summary_warns_of_impossible_ages(
+    tmp_path, workdir, write_params, monkeypatch, capsys
+):
+    """An age of 400 passes (it is set to missing) but is a warning on the console and in the
+    report, with the raw value shown only when it is a plain number."""
+    built = make_nih_folder(tmp_path / "nih", ages={0: "400", 1: "-3", 2: "Jane Doe 1950"})
+    params = load_params(write_params(workdir, built["root"]))
+    manifest, _ = ingest(built["root"], IngestConfig(workers=1), key=TEST_SECRET.encode())
+    (workdir / "data/ingest").mkdir(parents=True)
+    manifest.to_csv(workdir / "data/ingest/manifest.csv", index=False)
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv(SECRET_ENV, TEST_SECRET)
+    _stage_module("deid").main(params)
+
+    out = capsys.readouterr().out
+    assert "0 violation(s), 3 warning(s), passed=True" in out
+    warnings = [line for line in out.splitlines() if line.startswith("deid: warning:")]
+    assert len(warnings) == 1
+    assert "3 impossible age(s) (missing, negative or over 120)" in warnings[0]
+    assert "400" in warnings[0] and "-3" in warnings[0] and "<withheld>" in warnings[0]
+    assert "Jane" not in out and "1950" not in out
+    report = json.loads((workdir / "reports/deid.json").read_text())
+    assert report["passed"] is True
+    assert report["warnings"]["count"] == 3
+    assert report["warnings"]["listed"][0]["check"] == "ages.impossible"
+    assert "Jane" not in json.dumps(report)
+    metadata = pd.read_csv(workdir / "data/deid/metadata.csv")
+    assert metadata["age"].isna().sum() == 3
+
+
+def _stage_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", STAGES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

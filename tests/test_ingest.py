@@ -12,14 +12,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from nihfolder import gray_png, listing, make_nih_folder
+from nihfolder import (
+    EXTRA_COLUMN,
+    SECRET_ENV,
+    TEST_SECRET,
+    exif_chunk,
+    gray_png,
+    itxt_chunk,
+    listing,
+    make_nih_folder,
+    text_chunk,
+    with_chunks,
+    ztxt_chunk,
+)
 
 from fedcxr import sources
 from fedcxr.config import IngestConfig
-from fedcxr.ingest import IngestError, ingest, inspect_image
+from fedcxr.imaging import scan_chunks
+from fedcxr.ingest import IngestError, describe_chunk, ingest, inspect_image
 from fedcxr.sources import ImageItem, SourceError, iter_archive
 
 ONE = IngestConfig(workers=1)
+KEY = b"k" * 32
+ENV = {SECRET_ENV: TEST_SECRET}
 
 TRUNCATED_WHY = "before its IEND chunk"
 MISSING_WHY = "but no image file"
@@ -36,7 +51,8 @@ def _bad_folder(tmp_path: Path, **kwargs) -> dict:
 
 def test_inspect_image_ok_record():
     data = gray_png(np.random.default_rng(0), 24)
-    record = inspect_image(ImageItem("00000001_000.png", "x:images/00000001_000.png", data=data))
+    item = ImageItem("00000001_000.png", "x:images/00000001_000.png", data=data)
+    record = inspect_image(item, KEY)
     assert record["status"] == "ok"
     assert record["sha256"] == hashlib.sha256(data).hexdigest()
     assert record["bytes"] == len(data)
@@ -51,14 +67,16 @@ def test_inspect_image_ok_record():
     [(b"not a png at all", "undecodable"), (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", "truncated")],
 )
 def test_inspect_image_bad_bytes(data, status):
-    record = inspect_image(ImageItem("00000001_000.png", "images/00000001_000.png", data=data))
+    record = inspect_image(ImageItem("00000001_000.png", "images/00000001_000.png", data=data), KEY)
     assert record["status"] == status
     assert record["reason"]
 
 
 def test_inspect_image_unreadable_path(tmp_path):
     item = ImageItem("00000001_000.png", "images/00000001_000.png", path=str(tmp_path / "gone"))
-    assert inspect_image(item)["status"] == "unreadable"
+    record = inspect_image(item, KEY)
+    assert record["status"] == "unreadable"
+    assert str(tmp_path) not in record["reason"]  # the OS message, not the path
 
 
 # --- clean folders ---------------------------------------------------------------------------
@@ -305,7 +323,7 @@ def _dir(name: str) -> tarfile.TarInfo:
 def test_stage_writes_manifest_and_report(tmp_path, workdir, write_params, run_stage):
     built = make_nih_folder(tmp_path / "nih", layout="v2020", archive="batch_01.tar.gz")
     write_params(workdir, built["root"])
-    done = run_stage(workdir, "ingest")
+    done = run_stage(workdir, "ingest", ENV)
     assert done.returncode == 0, done.stderr
     manifest = pd.read_csv(workdir / "data/ingest/manifest.csv", dtype=str)
     assert manifest["image_index"].tolist() == sorted(built["rows"])
@@ -320,7 +338,7 @@ def test_stage_failure_exits_nonzero_names_files_and_writes_report(
 ):
     built = _bad_folder(tmp_path)
     write_params(workdir, built["root"])
-    done = run_stage(workdir, "ingest")
+    done = run_stage(workdir, "ingest", ENV)
     assert done.returncode != 0
     for name in (built["truncated"], built["missing"], built["orphan"]):
         assert name in done.stderr
@@ -337,4 +355,102 @@ def test_stage_failure_exits_nonzero_names_files_and_writes_report(
         built["missing"],
         built["orphan"],
     }
+    assert not (workdir / "data/ingest/manifest.csv").exists()
+
+
+# --- no PHI copied ---------------------------------------------------------------------------
+
+PLANTED = {
+    "tEXt": "Patient: ZORBALOVA^KSENIJA",
+    "zTXt": "MRN 88231907 ZORBALOVA",
+    "iTXt": "Zoë Ørbalová, referred by Dr. Quistgaard",
+    "eXIf": "ZORBALOVA KSENIJA",
+}
+
+
+def _planted_png() -> bytes:
+    return with_chunks(
+        gray_png(np.random.default_rng(1), 16),
+        [
+            text_chunk("Comment", PLANTED["tEXt"]),
+            ztxt_chunk("Description", PLANTED["zTXt"]),
+            itxt_chunk("Jane Roe", PLANTED["iTXt"], compressed=True),
+            exif_chunk(Artist=PLANTED["eXIf"]),
+            text_chunk("Software", "fedcxr-test"),
+        ],
+    )
+
+
+def test_describe_chunk_keeps_what_the_checks_need_and_never_the_text():
+    chunks = scan_chunks(_planted_png()).chunks
+    described = [describe_chunk(c, KEY) for c in chunks]
+    text = json.dumps(described, ensure_ascii=False)
+    for planted in PLANTED.values():
+        for word in planted.split():
+            if len(word) > 4:
+                assert word.strip(",.") not in text, word
+    assert "Jane" not in text and "Roe" not in text  # an unknown keyword is withheld too
+    assert [(d["type"], d["keyword"], d["phi"]) for d in described] == [
+        ("tEXt", "Comment", True),
+        ("zTXt", "Description", True),
+        ("iTXt", "<withheld keyword>", True),
+        ("eXIf", "", True),
+        ("tEXt", "Software", False),
+    ]
+    assert described[0]["looks_like"] == ["person name (DICOM 'Last^First' form)"]
+    assert set(described[1]["looks_like"]) == {"record number", "record number (long digit run)"}
+    assert "person name (title)" in described[2]["looks_like"]
+    assert described[4]["looks_like"] == []
+    assert [d["length"] for d in described] == [len(c.data) for c in chunks]
+    # The hash is keyed: same content and key, same hash; another key, another hash.
+    again = [describe_chunk(c, KEY)["hmac"] for c in chunks]
+    other = [describe_chunk(c, b"z" * 32)["hmac"] for c in chunks]
+    assert again == [d["hmac"] for d in described]
+    assert not set(again) & set(other)
+    assert all(len(h) == 16 for h in again)
+
+
+def test_manifest_holds_no_chunk_text_no_extra_values_no_non_nih_name(tmp_path):
+    odd_name = "KSENIJA_ZORBALOVA_chest.png"
+    built = make_nih_folder(
+        tmp_path / "nih",
+        extra_column=True,
+        extra_values={0: "Ksenija Zorbalova"},
+        chunks={3: [text_chunk("Author", PLANTED["tEXt"])]},
+        file_names={5: odd_name},
+        ages={1: "DOB 1950-03-04"},
+    )
+    with pytest.raises(IngestError) as caught:
+        ingest(built["root"], ONE, key=KEY)
+    message = str(caught.value)
+    assert "ZORBALOVA" not in message.upper()
+    assert "1 of 12" in message and "NIH pattern" in message
+    manifest, report = ingest(built["root"], IngestConfig(max_bad_fraction=0.1, workers=1), KEY)
+    text = manifest.to_csv() + json.dumps(report)
+    assert "ZORBALOVA" not in text.upper() and "KSENIJA" not in text.upper()
+    assert "1950" not in text
+    assert len(manifest) == 11
+    assert set(manifest[EXTRA_COLUMN]) == {""}  # the column stays (deid flags it), emptied
+    assert report["withheld"]["columns_emptied"] == [EXTRA_COLUMN]
+    assert report["withheld"]["non_nih_names"] == 1
+    [excluded] = report["problems"]["excluded"]
+    assert excluded["status"] == "non_nih_name"
+    assert excluded["image_index"].startswith("name-")
+    assert excluded["location"] == "<withheld>"
+    # Same key, same stand-in (reproducible outputs); the name itself cannot be recovered.
+    again = ingest(built["root"], IngestConfig(max_bad_fraction=0.1, workers=1), KEY)[1]
+    assert again["problems"]["excluded"] == [excluded]
+    ages = dict(zip(manifest["image_index"], manifest["raw_age"], strict=True))
+    assert ages[built["rows"][1]] == "<withheld>"
+
+
+def test_stage_without_a_secret_fails_naming_the_variable(
+    tmp_path, workdir, write_params, run_stage
+):
+    built = make_nih_folder(tmp_path / "nih")
+    write_params(workdir, built["root"])
+    done = run_stage(workdir, "ingest")
+    assert done.returncode != 0
+    assert SECRET_ENV in done.stderr
+    assert "Traceback" not in done.stderr
     assert not (workdir / "data/ingest/manifest.csv").exists()

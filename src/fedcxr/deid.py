@@ -7,7 +7,7 @@ import hmac
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +45,17 @@ OUTPUT_COLUMNS = (
     "manifest_row",
 )
 DEV_SECRET = b"fedcxr-development-secret-for-the-synthetic-default-only"
+MIN_KEY_BYTES = 32
+MAKE_KEY = "openssl rand -hex 32"
 SAFE_HARBOR_AGE = 90
 MAX_PLAUSIBLE_AGE = 120
 MAX_LISTED = 200
+# Raw ages shown in reports: short plain numbers only; anything else may be text typed into the
+# age column (a date of birth, a name) and is withheld.
+_SHOWN_AGE = re.compile(r"-?\d{1,4}(?:\.\d{1,2})?\s*[YMWDymwd]?")
+AGE_WITHHELD = "<withheld>"
+AGE_MISSING = "<missing>"
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 _PERSON_KEYWORDS = (
     "name",
@@ -60,6 +68,24 @@ _PERSON_KEYWORDS = (
     "technologist",
     "radiologist",
 )
+# Words of PNG text-chunk keywords that are kept in the manifest and reports as written (the
+# PNG specification's registered keywords, common tools' and DICOM-style attribute names). A
+# keyword with any other word may itself carry a name or number and is withheld.
+_KEYWORD_VOCABULARY = """
+    title author description copyright creation time software disclaimer warning source comment
+    comments xml com adobe xmp raw profile type exif iptc app icc date create modify timestamp
+    parameters label labels image index view position patient name names id sex gender age birth
+    physician physicians doctor operator operators referring technologist radiologist study series
+    institution modality station accession number body part window center width level
+    manufacturer model device serial pixel spacing bits orientation notes note keywords caption
+    uid instance sop class protocol acquisition content requesting performing performed procedure
+    report finding findings text data version format dicom png photometric interpretation rows
+    columns rescale slope intercept units unit resolution dpi of by the
+"""
+_KEYWORD_WORDS = frozenset(_KEYWORD_VOCABULARY.split())
+_KEYWORD_CHARS = re.compile(r"[A-Za-z0-9 :._-]{1,79}")
+_KEYWORD_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+KEYWORD_WITHHELD = "<withheld keyword>"
 _PHI_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("person name (DICOM 'Last^First' form)", re.compile(r"\b[A-Za-z'-]+\^[A-Za-z'-]+")),
     ("person name (title)", re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Dr)\.?\s+[A-Z][a-z]+")),
@@ -97,21 +123,53 @@ class DeidError(ValueError):
 
 @dataclass(frozen=True)
 class Secret:
-    key: bytes
+    """The pseudonymization key and where it came from (the key itself is never shown)."""
+
+    key: bytes = field(repr=False)
     source: str
     development: bool
 
-    @property
-    def key_id(self) -> str:
-        """Names the key without revealing it (compare runs: same id, same pseudonyms)."""
-        return hmac.new(self.key, b"fedcxr-key-id", hashlib.sha256).hexdigest()[:12]
+
+def key_material(raw: bytes, where: str) -> bytes:
+    """raw (surrounding whitespace stripped) after checking that it is a strong key.
+
+    Text must be at least 64 hexadecimal digits (32 random bytes, as `openssl rand -hex 32`
+    prints); a passphrase is refused however long. Anything that is not printable text is taken
+    as binary key material and needs at least 32 bytes. The key is used as given (hex is not
+    decoded), so a key made as the README says keeps its pseudonyms.
+    """
+    value = raw.strip()
+    try:
+        text: str | None = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.isprintable():
+        is_hex = _HEX.fullmatch(text) is not None
+        if is_hex and len(text) >= 2 * MIN_KEY_BYTES:
+            return value
+        found = (
+            f"{len(text)} hexadecimal digits"
+            if is_hex
+            else f"{len(text)} characters of text that is not hexadecimal (a passphrase)"
+        )
+    elif len(value) >= MIN_KEY_BYTES:
+        return value
+    else:
+        found = f"{len(value)} bytes of binary data"
+    raise DeidError(
+        f"{where}: expected a random key of at least {MIN_KEY_BYTES} bytes, written as at least "
+        f"{2 * MIN_KEY_BYTES} hexadecimal digits (or a binary file of {MIN_KEY_BYTES}+ bytes); "
+        f"found {found}. Make one with `{MAKE_KEY}` and keep it outside git: the same key "
+        "gives the same pseudonyms."
+    )
 
 
 def resolve_secret(
     cfg: DeidConfig, synthetic: bool, environ: dict[str, str] | None = None
 ) -> Secret:
     """The pseudonymization key: the development key for the synthetic default, else from the
-    environment variable cfg.secret_env or the file cfg.secret_file (kept outside git)."""
+    environment variable cfg.secret_env or the file cfg.secret_file (kept outside git), checked
+    by key_material."""
     if synthetic:
         return Secret(
             DEV_SECRET,
@@ -120,27 +178,26 @@ def resolve_secret(
         )
     environ = dict(os.environ) if environ is None else environ
     if environ.get(cfg.secret_env):
-        return Secret(
-            environ[cfg.secret_env].encode(),
-            f"environment variable {cfg.secret_env}",
-            development=False,
-        )
+        where = f"environment variable {cfg.secret_env}"
+        raw = environ[cfg.secret_env].encode("utf-8", "surrogateescape")
+        return Secret(key_material(raw, where), where, development=False)
     if cfg.secret_file:
         path = Path(cfg.secret_file).expanduser()
         if not path.is_file():
             raise DeidError(f"deid.secret_file {path} does not exist")
-        key = path.read_bytes().strip()
-        if len(key) < 16:
-            raise DeidError(
-                f"deid.secret_file {path}: expected at least 16 bytes, found {len(key)}"
-            )
-        return Secret(key, f"file {path}", development=False)
+        where = f"file {path}"
+        return Secret(key_material(path.read_bytes(), f"deid.secret_file {path}"), where, False)
     raise DeidError(
         f"no pseudonymization secret for real data: set the environment variable "
-        f"{cfg.secret_env} (e.g. `export {cfg.secret_env}=$(openssl rand -hex 32)`) or point "
+        f"{cfg.secret_env} (e.g. `export {cfg.secret_env}=$({MAKE_KEY})`) or point "
         "deid.secret_file at a file outside git. Keep it: the same secret gives the same "
         "pseudonyms."
     )
+
+
+def derived_key(key: bytes, purpose: str) -> bytes:
+    """A key for one purpose, derived from the pseudonymization key (HMAC-SHA256)."""
+    return hmac.new(key, f"fedcxr derived key: {purpose}".encode(), hashlib.sha256).digest()
 
 
 def pseudonym(key: bytes, kind: str, value: str, length: int = 16) -> str:
@@ -150,14 +207,48 @@ def pseudonym(key: bytes, kind: str, value: str, length: int = 16) -> str:
 
 
 def phi_reasons(keyword: str, text: str) -> list[str]:
-    """Why a metadata chunk's content looks like protected health information."""
+    """Why a metadata chunk's content looks like protected health information (category names
+    only: a reason never quotes the content or the keyword)."""
     reasons = []
     if text.strip() and any(k in keyword.lower() for k in _PERSON_KEYWORDS):
-        reasons.append(f"person name or identifier (keyword {keyword!r})")
+        reasons.append("person name or identifier (keyword names a person or patient)")
     for label, pattern in _PHI_PATTERNS:
         if pattern.search(text) and label not in reasons:
             reasons.append(label)
     return reasons
+
+
+def chunk_reasons(ctype: str, keyword: str, text: str) -> list[str]:
+    """phi_reasons of a PNG metadata chunk, its keyword searched too, plus its type's risk."""
+    reasons = phi_reasons(keyword, text)
+    for label in phi_reasons("", keyword):
+        if label not in reasons:
+            reasons.append(f"{label} (in the keyword)")
+    if ctype == "tIME":
+        reasons.append("date (tIME: last-modification time)")
+    if ctype == "eXIf":
+        reasons.append("EXIF block (may hold dates, device serials, names)")
+    return reasons
+
+
+def safe_keyword(keyword: str) -> str:
+    """The keyword if it is made of known words only (e.g. 'Author', 'PatientName'), else a
+    placeholder: an unknown keyword may itself carry a name or a record number."""
+    if not keyword:
+        return ""  # eXIf and tIME chunks have none
+    words = _KEYWORD_WORD.findall(keyword)
+    known = all(w.lower() in _KEYWORD_WORDS or (w.isdigit() and len(w) <= 2) for w in words)
+    return keyword if _KEYWORD_CHARS.fullmatch(keyword) and words and known else KEYWORD_WITHHELD
+
+
+def shown_age(raw: str) -> str:
+    """A raw age as reports may show it: a short plain number, else a placeholder."""
+    value = str(raw).strip()
+    if not value:
+        return AGE_MISSING
+    if value in (AGE_MISSING, AGE_WITHHELD) or _SHOWN_AGE.fullmatch(value):
+        return value
+    return AGE_WITHHELD
 
 
 def _limited(items: list, total: int | None = None) -> dict:
@@ -165,12 +256,86 @@ def _limited(items: list, total: int | None = None) -> dict:
     return {"count": total, "listed": items[:MAX_LISTED], "more": max(0, total - MAX_LISTED)}
 
 
+def _age_check(df: pd.DataFrame, max_age: int, scrub: bool) -> tuple[dict, pd.Series, pd.Series]:
+    """Safe Harbor caps ages over max_age; impossible ages (missing, negative, > 120) are flagged
+    and set to missing. Returns the report section and the (over, impossible) masks."""
+    age = df["age"].astype(float)
+    over = age > max_age
+    impossible = age.isna() | (age < 0) | (age > MAX_PLAUSIBLE_AGE)
+    raw = df["raw_age"] if "raw_age" in df else age.map(lambda v: "" if np.isnan(v) else f"{v:g}")
+    section = {
+        "looked_at": len(df),
+        "over_limit": {
+            "rule": f"ages over {max_age} reported as {SAFE_HARBOR_AGE} (HIPAA Safe Harbor)",
+            **_limited(
+                [
+                    {"image_id": i, "reported_age": SAFE_HARBOR_AGE}
+                    for i in df.loc[over & ~impossible, "image_id"]
+                ]
+            ),
+        },
+        "impossible": {
+            "rule": f"missing, negative or over {MAX_PLAUSIBLE_AGE}",
+            "action": "set to missing" if scrub else "flagged (kept as missing in the output)",
+            "shown": "raw values that are not short plain numbers are withheld",
+            **_limited(
+                [
+                    {"image_id": i, "value": shown_age(v)}
+                    for i, v in zip(df.loc[impossible, "image_id"], raw[impossible], strict=True)
+                ]
+            ),
+        },
+    }
+    return section, over & ~impossible, impossible
+
+
+def _chunk_check(image_ids: pd.Series, chunk_column: pd.Series) -> dict:
+    """PNG metadata chunks as ingest described them (type, keyword, length, PHI categories)."""
+    images_with_chunks, by_type, found = 0, {}, []
+    for image_id, raw in zip(image_ids, chunk_column, strict=True):
+        chunks = json.loads(raw) if isinstance(raw, str) and raw else []
+        images_with_chunks += bool(chunks)
+        for chunk in chunks:
+            if "text" in chunk:
+                raise DeidError(
+                    "the ingest manifest holds the text of PNG metadata chunks: it was made by "
+                    "an older ingest. Expected only type, keyword, length, PHI categories and a "
+                    "keyed hash. Re-run ingest (`dvc repro ingest`), then remove the old "
+                    "manifest from the DVC cache and any remote (`dvc gc -w`, `dvc gc -w -c`)."
+                )
+            ctype = chunk["type"]
+            by_type[ctype] = by_type.get(ctype, 0) + 1
+            reasons = list(chunk.get("looks_like") or [])
+            reasons += [r for r in chunk_reasons(ctype, "", "") if r not in reasons]
+            if reasons or chunk.get("phi"):
+                found.append(
+                    {
+                        "image_id": image_id,
+                        "chunk": ctype,
+                        "keyword": safe_keyword(chunk.get("keyword", "")),
+                        "looks_like": reasons or ["flagged by ingest"],
+                        "content": f"<redacted, {int(chunk.get('length', 0))} bytes>",
+                    }
+                )
+    return {
+        "looked_at": len(image_ids),
+        "types_checked": ["tEXt", "zTXt", "iTXt", "eXIf", "tIME"],
+        "images_with_chunks": images_with_chunks,
+        "by_type": dict(sorted(by_type.items())),
+        "violations": _limited(found),
+        "recorded": "type, keyword, length, PHI categories and a keyed hash; never the content",
+        "note": "every chunk is dropped downstream: resize keeps decoded pixels only",
+    }
+
+
 def deidentify(
     manifest: pd.DataFrame, cfg: DeidConfig, secret: Secret
 ) -> tuple[pd.DataFrame, dict]:
     """Check the manifest, pseudonymize it and return (clean metadata, report).
 
-    Raises DeidError (with `.report`) when violations remain and cfg.on_violation is 'fail'.
+    Values of columns off the allow-list are never copied: the output has OUTPUT_COLUMNS only,
+    the report names columns, counts and pseudonyms. Raises DeidError (with `.report`) when
+    violations remain and cfg.on_violation is 'fail'.
     """
     scrub = cfg.on_violation == "scrub"
     df = manifest.reset_index(drop=True)
@@ -191,7 +356,7 @@ def deidentify(
         "violations": [{"column": c, "why": "not on the allow-list"} for c in extra],
     }
 
-    # 2. Patient IDs -> keyed pseudonyms.
+    # 2. Patient IDs -> keyed pseudonyms. Nothing else derived from the key is reported.
     n_patients = df["patient_id"].nunique()
     collisions = n_patients - df["pseudo_patient"].nunique()
     patient_ids = {
@@ -199,7 +364,6 @@ def deidentify(
         "patients": int(n_patients),
         "method": "HMAC-SHA256, 16 characters",
         "secret": secret.source,
-        "secret_id": secret.key_id,
         "development_secret": secret.development,
         "collisions": int(collisions),
         "note": "image ids are pseudonyms too: NIH file names embed the patient ID",
@@ -207,74 +371,35 @@ def deidentify(
     if collisions:
         raise DeidError(f"{collisions} pseudonym collisions; use a longer pseudonym")
 
-    # 3. Ages: Safe Harbor caps ages over 89; impossible ages are flagged.
-    age = df["age"].astype(float)
-    over = age > cfg.max_age
-    impossible = age.isna() | (age < 0) | (age > MAX_PLAUSIBLE_AGE)
-    ages = {
-        "looked_at": len(df),
-        "over_limit": {
-            "rule": f"ages over {cfg.max_age} reported as {SAFE_HARBOR_AGE} (HIPAA Safe Harbor)",
-            **_limited(
-                [
-                    {"image_id": i, "reported_age": SAFE_HARBOR_AGE}
-                    for i in df.loc[over & ~impossible, "image_id"]
-                ]
-            ),
-        },
-        "impossible": {
-            "rule": f"missing, negative or over {MAX_PLAUSIBLE_AGE}",
-            "action": "set to missing" if scrub else "flagged (kept as missing in the output)",
-            **_limited(
-                [
-                    {"image_id": i, "value": str(v)}
-                    for i, v in df.loc[impossible, ["image_id", "raw_age"]].itertuples(index=False)
-                ]
-                if "raw_age" in df
-                else []
-            ),
-        },
-    }
-    df["age"] = np.where(impossible, np.nan, np.where(over, SAFE_HARBOR_AGE, age))
-    if over.any():
-        actions.append(f"capped {int((over & ~impossible).sum())} ages at {SAFE_HARBOR_AGE}")
+    # 3. Ages.
+    ages, capped, impossible = _age_check(df, cfg.max_age, scrub)
+    df["age"] = np.where(
+        impossible, np.nan, np.where(capped, SAFE_HARBOR_AGE, df["age"].astype(float))
+    )
+    if capped.any():
+        actions.append(f"capped {int(capped.sum())} ages at {SAFE_HARBOR_AGE}")
+    warnings = []
+    if impossible.any():
+        shown = [v["value"] for v in ages["impossible"]["listed"][:5]]
+        more = ", ..." if int(impossible.sum()) > len(shown) else ""
+        warnings.append(
+            {
+                "check": "ages.impossible",
+                "count": int(impossible.sum()),
+                "message": f"{int(impossible.sum())} impossible age(s) "
+                f"({ages['impossible']['rule']}): {', '.join(shown)}{more}; set to missing",
+            }
+        )
 
     # 4. PNG metadata chunks.
-    chunk_rows, by_type, chunk_violations = 0, {}, []
     chunk_column = df["chunks"] if "chunks" in df else pd.Series("", index=df.index)
-    for image_id, raw in zip(df["image_id"], chunk_column, strict=True):
-        chunks = json.loads(raw) if isinstance(raw, str) and raw else []
-        chunk_rows += bool(chunks)
-        for chunk in chunks:
-            by_type[chunk["type"]] = by_type.get(chunk["type"], 0) + 1
-            reasons = phi_reasons(chunk["keyword"], chunk["text"])
-            if chunk["type"] == "tIME":
-                reasons.append("date (tIME: last-modification time)")
-            if chunk["type"] == "eXIf":
-                reasons.append("EXIF block (may hold dates, device serials, names)")
-            if reasons:
-                chunk_violations.append(
-                    {
-                        "image_id": image_id,
-                        "chunk": chunk["type"],
-                        "keyword": chunk["keyword"],
-                        "looks_like": reasons,
-                        "content": f"<redacted, {len(chunk['text'])} chars>",
-                    }
-                )
-    violations += len(chunk_violations)
-    png_chunks = {
-        "looked_at": len(df),
-        "types_checked": ["tEXt", "zTXt", "iTXt", "eXIf", "tIME"],
-        "images_with_chunks": chunk_rows,
-        "by_type": dict(sorted(by_type.items())),
-        "violations": _limited(chunk_violations),
-        "note": "every chunk is dropped downstream: resize keeps decoded pixels only",
-    }
-    if chunk_violations and scrub:
-        actions.append(f"removed {len(chunk_violations)} PHI-bearing PNG chunk(s)")
+    png_chunks = _chunk_check(df["image_id"], chunk_column)
+    n_chunks = png_chunks["violations"]["count"]
+    violations += n_chunks
+    if n_chunks and scrub:
+        actions.append(f"removed {n_chunks} PHI-bearing PNG chunk(s)")
 
-    # 5. File names.
+    # 5. File names (ingest withholds non-NIH names; this catches manifests made otherwise).
     bad_names = [
         i
         for i, n in df[["image_id", "image_index"]].itertuples(index=False)
@@ -305,6 +430,7 @@ def deidentify(
         "images": len(df),
         "passed": passed,
         "violations": violations,
+        "warnings": {"count": sum(w["count"] for w in warnings), "listed": warnings},
         "scrubbed": scrub and not passed,
         "actions": actions,
         "checks": {
@@ -319,7 +445,7 @@ def deidentify(
     if not passed and not scrub:
         raise DeidError(
             f"{violations} de-identification violation(s): {len(extra)} column(s) "
-            f"off the allow-list {extra}, {len(chunk_violations)} PHI-looking PNG chunk(s), "
+            f"off the allow-list {extra}, {n_chunks} PHI-looking PNG chunk(s), "
             f"{len(bad_names)} non-NIH file name(s). See the de-identification report; set "
             "deid.on_violation: scrub to remove them.",
             report=report,

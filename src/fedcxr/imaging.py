@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 
 import numpy as np
@@ -18,11 +18,16 @@ METADATA_CHUNKS = frozenset({"tEXt", "zTXt", "iTXt", "eXIf", "tIME"})
 
 @dataclass(frozen=True)
 class PngChunk:
-    """One metadata chunk: its type, keyword (for text chunks) and decoded text."""
+    """One metadata chunk: its type, keyword (for text chunks), decoded text and raw data.
+
+    Held in memory only: the text may be PHI, so neither it nor the raw data is in the repr
+    (a log line or traceback that prints a chunk shows its type and keyword only).
+    """
 
     type: str
     keyword: str
-    text: str
+    text: str = field(repr=False)
+    data: bytes = field(default=b"", compare=False, repr=False)  # the chunk's data as stored
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,9 @@ def scan_chunks(data: bytes) -> ChunkScan:
         if end > len(data):
             break
         if ctype in METADATA_CHUNKS:
-            keyword, text = _text_of(ctype, data[pos + 8 : pos + 8 + length])
-            found.append(PngChunk(ctype, keyword, text))
+            body = data[pos + 8 : pos + 8 + length]
+            keyword, text = _text_of(ctype, body)
+            found.append(PngChunk(ctype, keyword, text, body))
         if ctype == "IEND":
             return ChunkScan(tuple(found), is_png=True, complete=True)
         pos = end
