@@ -6,7 +6,13 @@ from pathlib import Path
 import pandas as pd
 
 from fedcxr.config import Params
-from fedcxr.partition import check_disjoint, plan_split, prevalence_table, split_report
+from fedcxr.partition import (
+    PartitionError,
+    check_disjoint,
+    plan_split,
+    prevalence_table,
+    split_report,
+)
 from fedcxr.sitedata import write_sets
 from fedcxr.stageio import run_stage, write_json
 
@@ -19,7 +25,10 @@ REPORT = Path("reports/partition.json")
 
 def main(params: Params) -> None:
     meta = pd.read_csv(METADATA, dtype={"image_id": str, "patient_id": str})
-    plan = plan_split(meta, params.partition, params.seed)
+    try:
+        plan = plan_split(meta, params.partition, params.seed)
+    except PartitionError as exc:
+        raise PartitionError(f"{exc} (data: {METADATA})") from None
     report = split_report(meta, plan, params.partition, params.seed)
     check_disjoint(report)
     for folder in (SITES, TEST):
@@ -27,6 +36,7 @@ def main(params: Params) -> None:
     write_sets(meta, plan, RESIZED, SITES, TEST)
     write_json(REPORT, report)
     print(prevalence_table(report))
+    print(f"partition: {plan.sizes.describe()}; exact sizes: {report['exact_sizes']}")
     print(
         f"partition: {len(plan.sets) - 1} sites + test, patient overlap "
         f"{report['patient_overlap_total']} -> {SITES}, {TEST}, {REPORT}"

@@ -1,24 +1,30 @@
 """DVC stage `train_centralized`: the pooled data trained with torch.distributed DDP over
-train.ddp_world_size processes (gloo on CPU, NCCL on GPU), launched with torchrun."""
+train.ddp_world_size processes (auto: one per CUDA GPU, or 2 with gloo on CPU), via torchrun."""
 
 import json
 import shutil
 
 from _common import MODELS, matrix_entry, pooled_spec
 
-from fedcxr.config import Params
+from fedcxr.config import ConfigError, Params
 from fedcxr.runs import CARD, run_dir
 from fedcxr.stageio import run_stage, write_json
-from fedcxr.train.ddp import METRICS, TIMINGS, launch_ddp
+from fedcxr.train.ddp import METRICS, TIMINGS, launch_ddp, machine_world_size, torchrun_command
 from fedcxr.train.pooled import spec_card
+
+PARAMS = "params.yaml"
 
 
 def main(params: Params) -> None:
     params = matrix_entry(params, __doc__)
+    try:  # refused before anything is removed
+        world = machine_world_size(params.train.ddp_world_size)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid configuration in {PARAMS}: {exc}") from None
     out = run_dir(MODELS, "centralized", params.task, params.seed)
-    shutil.rmtree(out, ignore_errors=True)
     spec = pooled_spec(params, out)
-    world = params.train.ddp_world_size
+    torchrun_command(world, spec)  # the same check launch_ddp makes (batch splits evenly)
+    shutil.rmtree(out, ignore_errors=True)
     launch_ddp(world, spec)
     metrics = json.loads((out / METRICS).read_text())
     timings = json.loads((out / TIMINGS).read_text())
@@ -40,4 +46,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_centralized", main)
+    run_stage("train_centralized", main, PARAMS)

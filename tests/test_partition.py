@@ -1,10 +1,14 @@
 """Patient-disjoint splitting: exact sizes at full scale, strategies that differ as designed."""
 
+import gzip
+import hashlib
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from fedcxr.cli import app
@@ -13,9 +17,12 @@ from fedcxr.labels import FINDINGS
 from fedcxr.metadata import embedded_metadata_path, read_metadata
 from fedcxr.partition import (
     PARTITIONERS,
+    UNUSED,
     PartitionError,
+    SplitPlan,
     check_disjoint,
     fill_exact,
+    fit_sizes,
     plan_split,
     scale_targets,
     split_report,
@@ -139,8 +146,11 @@ def test_split_is_deterministic_and_ignores_id_spelling(full_meta):
 
 
 def test_unknown_strategy_and_leaks_are_errors(full_meta):
+    with pytest.raises(ValidationError, match="expected one of the names"):
+        PartitionConfig(strategy="geographic")  # refused when params load
+    unchecked = PartitionConfig.model_construct(strategy="geographic")
     with pytest.raises(PartitionError, match="expected one of"):
-        plan_split(full_meta.iloc[:100], PartitionConfig(strategy="geographic"), 1)
+        plan_split(full_meta.iloc[:100], unchecked, 1)
     leaking = {"patient_overlap": {"site-a|test": 2}, "sets": {}}
     with pytest.raises(PartitionError, match=r"site-a\|test"):
         check_disjoint(leaking)
@@ -168,3 +178,204 @@ def test_split_plan_cli_on_full_metadata(tmp_path):
     assert len(plan["validation"]) == sum(
         round(0.1 * v) for k, v in FULL_SIZES.items() if k != "test"
     )
+
+
+# --- sizes mean what they say (partition.fit) -----------------------------------------------
+
+PAPER_SITES = (20000, 25000, 15000, 30000, 22000)  # as printed: 122,120 with the test set
+DEFAULT_SITES = (20000, 25000, 15000, 30000, 12000)
+
+
+def _digest(plan: SplitPlan) -> str:
+    data = plan.assignment.astype(np.int64).tobytes() + "|".join(plan.split).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("n", "strategy", "targets", "digest"),
+    [
+        (2000, "demographic", (180, 357, 446, 268, 535, 214), "e9ed276cc434b369"),
+        (2500, "iid", (226, 446, 557, 334, 669, 268), "72cd570c3e27e4ce"),
+        (3000, "dirichlet", (271, 535, 669, 401, 803, 321), "fb34af79aab5357a"),
+    ],
+)
+def test_default_scaled_plan_is_the_one_made_before_partition_fit(
+    full_meta, n, strategy, targets, digest
+):
+    """Digests of plans made by the code before partition.fit existed: the default (auto) keeps
+    today's scaling on a subset byte for byte, so the pipeline's hashes stay valid."""
+    sub = full_meta.iloc[:n].reset_index(drop=True)
+    cfg = PartitionConfig(strategy=strategy)
+    plan = plan_split(sub, cfg, 42)
+    assert plan.targets == targets and _digest(plan) == digest
+    report = split_report(sub, plan, cfg, 42)
+    assert report["sizes"]["scaled"] is True and report["sizes"]["mode"] == "scale"
+    assert report["targets_met"] is True
+    assert report["exact_sizes"] is False  # scaled sizes are not the configured ones
+    assert "scaled" in report["sizes"]["note"] and "112,120" in report["sizes"]["note"]
+    assert report["unused"] == {"images": 0, "patients": 0}
+
+
+def test_fit_sizes_auto_scales_full_scale_sizes_on_a_subset_only():
+    on_subset = fit_sizes(2000, 10120, DEFAULT_SITES)
+    assert on_subset.mode == "scale" and on_subset.scaled
+    assert list(on_subset.targets) == scale_targets(2000, 10120, DEFAULT_SITES)
+    full = fit_sizes(112120, 10120, DEFAULT_SITES)
+    assert full.mode == "exact" and not full.scaled and full.unused == 0
+    assert full.targets == (10120, *DEFAULT_SITES)
+
+
+def test_paper_sizes_on_all_nih_rows_are_an_error_unless_scaling_is_asked():
+    with pytest.raises(PartitionError) as info:
+        fit_sizes(112120, 10120, PAPER_SITES)
+    assert "122,120" in str(info.value) and "112,120" in str(info.value)
+    assert "partition.fit: scale" in str(info.value)
+    with pytest.raises(PartitionError, match="122,120"):
+        fit_sizes(112120, 10120, PAPER_SITES, "exact")
+    scaled = fit_sizes(112120, 10120, PAPER_SITES, "scale")
+    assert scaled.scaled and sum(scaled.targets) == 112120 and scaled.unused == 0
+
+
+def test_small_sizes_are_met_exactly_and_never_shrunk_to_one_image():
+    # The issue's case: site_sizes [5, 5] beside the default test_size on 2,000 images.
+    with pytest.raises(PartitionError) as info:
+        fit_sizes(2000, 10120, (5, 5))
+    assert "10,130" in str(info.value) and "2,000" in str(info.value)
+    exact = fit_sizes(2000, 10, (5, 5))
+    assert exact.targets == (10, 5, 5) and exact.unused == 1980 and not exact.scaled
+    assert "1,980 image(s) left unused" in exact.describe()
+    assert fit_sizes(2000, 10, (5, 5), "scale").targets == (1000, 500, 500)
+    # Full-scale sizes asked to be exact on a subset (NIH less excluded rows) do not fit.
+    with pytest.raises(PartitionError, match=r"112,120 images .* the data has 112,100"):
+        fit_sizes(112100, 10120, DEFAULT_SITES, "exact")
+    with pytest.raises(PartitionError, match="no image"):
+        fit_sizes(100, 1, (1, 100000), "scale")
+
+
+def test_exact_sizes_below_the_data_leave_the_rest_unused(full_meta):
+    sub = full_meta.iloc[:2000].reset_index(drop=True)
+    cfg = PartitionConfig(test_size=40, site_sizes=(60, 30), fit="exact")
+    plan = plan_split(sub, cfg, 42)
+    report = split_report(sub, plan, cfg, 42)
+    check_disjoint(report)
+    assert {n: e["images"] for n, e in report["sets"].items()} == {
+        "test": 40,
+        "site-a": 60,
+        "site-b": 30,
+    }
+    assert report["exact_sizes"] is True and report["sizes"]["scaled"] is False
+    assert report["unused"]["images"] == 2000 - 130 == int((plan.set_of() == UNUSED).sum())
+    assert set(plan.split[plan.set_of() == UNUSED]) == {UNUSED}
+    assert any(pair.endswith("|unused") for pair in report["patient_overlap"])
+    owners = pd.Series(plan.set_of()).groupby(sub["patient_id"].to_numpy()).nunique()
+    assert int(owners.max()) == 1  # unused patients are whole patients too
+
+
+def _subset_csv(tmp_path, rows: int):
+    """The first `rows` rows of the embedded NIH metadata as a CSV (as split-plan reads it)."""
+    with gzip.open(embedded_metadata_path(), "rt") as fh:
+        lines = [next(fh) for _ in range(rows + 1)]
+    path = tmp_path / "Data_Entry_2017_v2020.csv"
+    path.write_text("".join(lines))
+    return path
+
+
+def _split_plan(tmp_path, csv, **partition):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"partition": partition}))
+    out = tmp_path / "PLAN.json"
+    args = ["split-plan", str(csv), "--out", str(out), "--params", str(params)]
+    return CliRunner().invoke(app, args), out
+
+
+def test_split_plan_says_when_sizes_were_scaled(tmp_path):
+    result, out = _split_plan(tmp_path, _subset_csv(tmp_path, 2000))
+    assert result.exit_code == 0, result.output
+    assert "exact sizes: False" in result.output
+    assert "sizes scaled in proportion (partition.fit auto)" in result.output
+    assert json.loads(out.read_text())["report"]["sizes"]["scaled"] is True
+
+
+def test_split_plan_refuses_paper_sizes_on_all_rows_unless_scaling_is_asked(tmp_path):
+    csv = embedded_metadata_path()
+    result, out = _split_plan(tmp_path, csv, site_sizes=list(PAPER_SITES))
+    assert result.exit_code == 1 and not out.exists()
+    assert "122,120" in result.output and "112,120" in result.output
+    result, out = _split_plan(tmp_path, csv, site_sizes=list(PAPER_SITES), fit="scale")
+    assert result.exit_code == 0, result.output
+    assert "exact sizes: False" in result.output and "scaled" in result.output
+
+
+def test_split_plan_checks_the_strategy_option_like_params(tmp_path):
+    csv = _subset_csv(tmp_path, 50)
+    args = ["split-plan", str(csv), "--strategy", "demografic", "--out", str(tmp_path / "P")]
+    result = CliRunner().invoke(app, [*args, "--params", str(tmp_path / "absent.yaml")])
+    assert result.exit_code == 2
+    assert "'partition.strategy'" in result.output and "demografic" in result.output
+
+
+# --- a leaking plan is caught ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_plan(full_meta):
+    sub = full_meta.iloc[:1500].reset_index(drop=True)
+    cfg = PartitionConfig(test_size=200, site_sizes=(500, 400), fit="exact")
+    plan = plan_split(sub, cfg, 3)
+    return sub, cfg, plan
+
+
+def _leak(plan: SplitPlan, **fields) -> SplitPlan:
+    return SplitPlan(
+        sets=plan.sets,
+        targets=plan.targets,
+        assignment=fields.get("assignment", plan.assignment).copy(),
+        split=fields.get("split", plan.split).copy(),
+        sizes=plan.sizes,
+    )
+
+
+def _multi_image_patient(meta, plan, set_name: str, split: str | None = None) -> np.ndarray:
+    """Row numbers of one patient with several images in `set_name` (and `split`)."""
+    mask = plan.set_of() == set_name
+    if split is not None:
+        mask &= plan.split == split
+    counts = meta.loc[mask, "patient_id"].value_counts()
+    patient = counts.index[counts > 1][0]
+    return np.flatnonzero(mask & (meta["patient_id"] == patient).to_numpy())
+
+
+def test_the_clean_plan_passes_the_check(small_plan):
+    meta, cfg, plan = small_plan
+    report = split_report(meta, plan, cfg, 3)
+    assert report["patient_overlap_total"] == 0
+    check_disjoint(report)  # does not raise
+
+
+@pytest.mark.parametrize(("source", "target"), [("test", 1), ("site-a", 2), (UNUSED, 1)])
+def test_a_patient_in_two_sets_is_detected(small_plan, source, target):
+    meta, cfg, plan = small_plan
+    rows = _multi_image_patient(meta, plan, source)
+    assignment = plan.assignment.copy()
+    assignment[rows[0]] = target  # one image of the patient moves; the others stay
+    split = plan.split.copy()
+    split[rows[0]] = "train"
+    leaking = _leak(plan, assignment=assignment, split=split)
+    report = split_report(meta, leaking, cfg, 3)
+    pair = "|".join(sorted([source, plan.sets[target]]))
+    assert report["patient_overlap"][pair] == 1
+    assert report["patient_overlap_total"] == 1
+    with pytest.raises(PartitionError, match=rf"'{pair.replace('|', '[|]')}': 1"):
+        check_disjoint(report)
+
+
+def test_a_patient_in_train_and_val_of_one_site_is_detected(small_plan):
+    meta, cfg, plan = small_plan
+    rows = _multi_image_patient(meta, plan, "site-b", "train")
+    split = plan.split.copy()
+    split[rows[0]] = "val"
+    report = split_report(meta, _leak(plan, split=split), cfg, 3)
+    assert report["sets"]["site-b"]["train_val_patient_overlap"] == 1
+    assert report["patient_overlap_total"] == 0  # the sets themselves are still disjoint
+    with pytest.raises(PartitionError, match=r"'site-b:train\|val': 1"):
+        check_disjoint(report)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from fedcxr.config import ConfigError, Params, load_params
+from fedcxr.config import ConfigError, Params, load_params, parse_params, resolve_world_size
 from fedcxr.stageio import write_json
 
 app = typer.Typer(
@@ -67,7 +67,12 @@ def split_plan(
     )
 
     p = _params(params)
-    cfg = p.partition.model_copy(update={"strategy": strategy} if strategy else {})
+    cfg = p.partition
+    if strategy:  # checked like params.yaml (the registry's names), not copied in unchecked
+        try:
+            cfg = parse_params({"partition": {**cfg.model_dump(), "strategy": strategy}}).partition
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--strategy") from None
     seed = p.seed if seed is None else seed
     start = time.perf_counter()
     meta, _info = _metadata(metadata_csv)
@@ -76,7 +81,7 @@ def split_plan(
         report = split_report(meta, plan, cfg, seed)
         check_disjoint(report)
     except PartitionError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {exc} (data: {metadata_csv})", err=True)
         raise typer.Exit(1) from None
     set_of = plan.set_of()
     write_json(
@@ -94,6 +99,7 @@ def split_plan(
         f"patients shared between any two sets: {report['patient_overlap_total']}; "
         f"exact sizes: {report['exact_sizes']}; {time.perf_counter() - start:.1f}s -> {out}"
     )
+    typer.echo(plan.sizes.describe())
 
 
 @app.command("deid")
@@ -137,13 +143,41 @@ def check_params(
         "params.yaml"
     ),
 ) -> None:
-    """Validate params.yaml: unknown keys and wrong types are reported by name."""
+    """Validate params.yaml as every stage does, then against this machine.
+
+    Unknown keys, wrong types, names no registry holds (model.arch, fl.strategy,
+    partition.strategy) and YAML syntax errors are reported by key, or by line and column.
+    Then: with data.source nih, the folder data.nih_dir must exist (DVC tracks it), and
+    train.ddp_world_size may not exceed this machine's CUDA GPUs.
+    """
     try:
-        load_params(path)
+        params = load_params(path)
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{path}: ok")
+    # DVC resolves data.nih_dir (a dependency of ingest and resize) beside dvc.yaml/params.yaml
+    # and stops with a bare "[Errno 2]" when it is missing: say so first.
+    folder = Path(params.data.nih_dir)
+    folder = folder if folder.is_absolute() else path.parent / folder
+    if params.data.source == "nih" and not folder.is_dir():
+        typer.echo(
+            f"invalid configuration in {path}:\n  - 'data.nih_dir': expected the folder of the "
+            f"NIH download (DVC tracks it as the input of ingest and resize), found no folder "
+            f"at {folder}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    world = params.train.ddp_world_size
+    if world == "auto" or world > 1:
+        import torch  # only here: the GPU count is this machine's, not the params'
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        try:
+            world = resolve_world_size(world, gpus)
+        except ConfigError as exc:
+            typer.echo(f"invalid configuration in {path}:\n  - {exc}", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(f"{path}: ok (centralized DDP baseline: {world} process(es) on this machine)")
 
 
 pki_app = typer.Typer(

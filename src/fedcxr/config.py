@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,16 @@ from pydantic import (
 )
 
 from fedcxr.labels import FINDINGS
+from fedcxr.sources import SYNTHETIC_DIR
+
+# The names each registry resolves, so params are checked on load without importing torch
+# (fedcxr.models costs seconds to import). tests/test_config.py checks that every registry holds
+# exactly these names: a new model, strategy or partitioner is registered and listed here.
+REGISTRIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model.arch": ("fedcxr.models.MODELS", ("smallcnn", "resnet50", "densenet121")),
+    "fl.strategy": ("fedcxr.strategies.STRATEGIES", ("fedavg", "fedprox")),
+    "partition.strategy": ("fedcxr.partition.PARTITIONERS", ("demographic", "iid", "dirichlet")),
+}
 
 # YAML gives lists; frozen configs hold tuples (strict mode would otherwise refuse the list).
 IntTuple = Annotated[
@@ -26,6 +37,14 @@ IntTuple = Annotated[
 
 class ConfigError(ValueError):
     """A params file that does not match the schema; the message names each bad key."""
+
+
+def registered(key: str, value: str) -> str:
+    """`value` if the registry that `key` names holds it, else a ValueError listing the names."""
+    registry, names = REGISTRIES[key]
+    if value not in names:
+        raise ValueError(f"expected one of the names {sorted(names)} (registry {registry})")
+    return value
 
 
 class _Section(BaseModel):
@@ -54,8 +73,34 @@ class SyntheticConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["synthetic", "nih"] = "synthetic"
-    nih_dir: str = "data/raw/nih"
+    # The NIH-format folder ingest and resize read, and the one dvc.yaml makes their input
+    # (`${data.nih_dir}`): the embedded default's folder, or the NIH download (anywhere).
+    nih_dir: str = Field(str(SYNTHETIC_DIR), validate_default=True)
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("nih_dir")
+    @classmethod
+    def _folder_matches_source(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip() or value.startswith("~"):
+            raise ValueError(
+                "expected a folder path, relative to the repository or absolute (DVC expands no ~)"
+            )
+        synthetic = os.path.normpath(value) == os.path.normpath(SYNTHETIC_DIR)
+        source = info.data.get("source")
+        if source == "synthetic" and not synthetic:
+            raise ValueError(
+                f"expected {str(SYNTHETIC_DIR)!r} while data.source is synthetic (synthesize "
+                f"renders the embedded default there, and DVC tracks data.nih_dir as the input "
+                f"of ingest and resize); set data.nih_dir: {SYNTHETIC_DIR}, or data.source: nih "
+                f"to read this folder"
+            )
+        if source == "nih" and synthetic:
+            raise ValueError(
+                f"expected the folder of the NIH download while data.source is nih, not the "
+                f"embedded default's {str(SYNTHETIC_DIR)!r}; set it, e.g. "
+                f"`dvc exp run -S data.source=nih -S data.nih_dir=data/raw/nih`"
+            )
+        return value
 
 
 class IngestConfig(_Section):
@@ -78,11 +123,20 @@ class ResizeConfig(_Section):
 
 
 class PartitionConfig(_Section):
-    strategy: str = "demographic"
+    strategy: str = "demographic"  # a name in fedcxr.partition.PARTITIONERS
     test_size: int = Field(10120, gt=0)
     site_sizes: IntTuple = (20000, 25000, 15000, 30000, 12000)
+    # How the sizes meet the data (fedcxr.partition.fit_sizes): exact = image counts that must
+    # fit (images left over stay unused); scale = proportions scaled to all the data; auto =
+    # scale full-scale sizes (summing to all 112,120 NIH images) on a subset, else exact.
+    fit: Literal["auto", "exact", "scale"] = "auto"
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     dirichlet_alpha: float = Field(0.5, gt=0.0)
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return registered("partition.strategy", value)
 
     @field_validator("site_sizes")
     @classmethod
@@ -93,8 +147,32 @@ class PartitionConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: str = "smallcnn"  # a name in fedcxr.models.MODELS; checked when the model is built
+    arch: str = "smallcnn"  # a name in fedcxr.models.MODELS
     pretrained: bool = False
+
+    @field_validator("arch")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return registered("model.arch", value)
+
+
+def resolve_world_size(value: int | Literal["auto"], gpu_count: int) -> int:
+    """Processes of the centralized DDP run: `auto` = one per CUDA GPU, or 2 without CUDA.
+
+    `gpu_count` is the number of CUDA GPUs of the machine that runs it (0: CPU, gloo). Every
+    rank needs a GPU of its own under CUDA, so an explicit value above the count is refused.
+    """
+    if gpu_count < 0:
+        raise ValueError(f"expected a GPU count >= 0, found {gpu_count}")
+    if value == "auto":
+        return gpu_count if gpu_count else 2
+    if gpu_count and value > gpu_count:
+        raise ConfigError(
+            f"'train.ddp_world_size': expected at most {gpu_count} (one process per GPU; this "
+            f"machine has {gpu_count} CUDA GPU(s)), found {value}; set it to auto or to at "
+            f"most {gpu_count}"
+        )
+    return value
 
 
 class TrainConfig(_Section):
@@ -102,7 +180,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0)
     image_size: int = Field(128, ge=8, le=4096)  # must be <= resize.size (checked in Params)
     epochs: int = Field(3, gt=0)  # pooled training epochs; keep = fl.rounds x fl.local_epochs
-    ddp_world_size: int = Field(2, gt=0)  # processes of the centralized DDP baseline
+    # Processes of the centralized DDP baseline: auto = one per CUDA GPU (2 on CPU), or a count
+    # (at most the GPU count on CUDA; checked by check-params and the stage, resolve_world_size).
+    ddp_world_size: int | Literal["auto"] = "auto"
     num_workers: int = Field(0, ge=0)
     seeds: IntTuple = (42,)
     augment: bool = True
@@ -112,6 +192,24 @@ class TrainConfig(_Section):
     def _non_empty(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if not value:
             raise ValueError("expected a non-empty list of integer seeds, found []")
+        return value
+
+    @field_validator("ddp_world_size", mode="before")
+    @classmethod
+    def _world_size(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and value > 0):
+            return value
+        raise ValueError("expected 'auto' or a positive number of processes")
+
+    @field_validator("ddp_world_size")
+    @classmethod
+    def _batch_splits(cls, value: int | str, info: ValidationInfo) -> int | str:
+        batch = info.data.get("batch_size")
+        if value != "auto" and batch is not None and batch % int(value):
+            raise ValueError(
+                f"expected a divisor of train.batch_size={batch} (each DDP rank trains on an "
+                f"equal slice of the global batch)"
+            )
         return value
 
 
@@ -126,11 +224,16 @@ class DPConfig(_Section):
 class FLConfig(_Section):
     rounds: int = Field(3, gt=0)
     local_epochs: int = Field(1, gt=0)
-    strategy: str = "fedavg"  # fedavg | fedprox (fedcxr.strategies); checked when the run starts
+    strategy: str = "fedavg"  # a name in fedcxr.strategies.STRATEGIES (fedavg | fedprox)
     fedprox_mu: float = Field(0.01, ge=0.0)
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0 = any free port
     round_timeout_s: int = Field(3600, gt=0)
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return registered("fl.strategy", value)
 
 
 Task = Literal["multilabel", "pneumonia"]
@@ -192,7 +295,9 @@ def _describe(error: ValidationError, source: str) -> str:
             lines.append(f"  - unknown key '{key}' (check the spelling; see params.yaml)")
         else:
             found = item.get("input")
-            lines.append(f"  - '{key}': {item['msg']}; found {found!r} ({type(found).__name__})")
+            error = (item.get("ctx") or {}).get("error")
+            message = str(error) if item["type"] == "value_error" and error else item["msg"]
+            lines.append(f"  - '{key}': {message}; found {found!r} ({type(found).__name__})")
     return "\n".join(lines)
 
 
@@ -204,13 +309,50 @@ def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
         raise ConfigError(_describe(exc, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (DVC refuses it too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: SafeLoader's own error follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
+    """One line: file:line:column, what is wrong (a tab gets a hint)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "'\\t'" in problem:
+        problem += " (a tab: YAML indents with spaces)"
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} from line {context_mark.line + 1})"
+    return ConfigError(f"{where}: invalid YAML: {problem}")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml."""
+    """Read and validate params.yaml; a YAML error is one line naming file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path.resolve()}")
-    with path.open() as fh:
-        data = yaml.safe_load(fh)
+    try:
+        with path.open() as fh:
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a mapping at the top level, found {type(data).__name__}"

@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from fedcxr.config import PartitionConfig
+from fedcxr.config import REGISTRIES, PartitionConfig
 from fedcxr.labels import FINDINGS
 
 TEST = "test"
+UNUSED = "unused"  # images of patients in no set (partition.fit exact, sizes below the data)
 AGE_BANDS = ((0, 18), (18, 40), (40, 60), (60, 200))
+FULL_SCALE_IMAGES = 112_120  # every NIH ChestX-ray14 image: sizes summing to it are full scale
 
 
 class PartitionError(ValueError):
@@ -42,6 +45,91 @@ def scale_targets(n_images: int, test_size: int, site_sizes: tuple[int, ...]) ->
     order = np.argsort(-(raw - out), kind="stable")
     out[order[: n_images - int(out.sum())]] += 1
     return out.tolist()
+
+
+@dataclass(frozen=True)
+class SizeFit:
+    """How the configured sizes [test, site...] were met on the data (partition.fit)."""
+
+    fit: str  # partition.fit as configured: auto | exact | scale
+    mode: str  # what it came to: exact | scale
+    configured: tuple[int, ...]
+    targets: tuple[int, ...]  # the sizes aimed at: configured, or scaled to the data
+    n_images: int
+
+    @property
+    def scaled(self) -> bool:
+        return self.targets != self.configured
+
+    @property
+    def unused(self) -> int:
+        return self.n_images - sum(self.targets)
+
+    def describe(self) -> str:
+        """One sentence for the console and the report."""
+        total = sum(self.configured)
+        if self.scaled:
+            return (
+                f"sizes scaled in proportion (partition.fit {self.fit}): configured sum "
+                f"{total:,} -> the data's {self.n_images:,} images"
+            )
+        left = f"; {self.unused:,} image(s) left unused" if self.unused else ""
+        return f"sizes used as configured (partition.fit {self.fit}): sum {total:,}{left}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fit": self.fit,
+            "mode": self.mode,
+            "configured_total": sum(self.configured),
+            "data_images": self.n_images,
+            "scaled": self.scaled,
+            "unused_images": self.unused,
+            "note": self.describe(),
+        }
+
+
+def fit_sizes(
+    n_images: int, test_size: int, site_sizes: tuple[int, ...], fit: str = "auto"
+) -> SizeFit:
+    """Set sizes [test, site...] for n_images under partition.fit; a misfit is a PartitionError.
+
+    exact: the sizes are image counts; their sum may not exceed n_images, and images left over
+    stay unused. scale: the sizes are proportions, scaled (largest remainder) to all n_images.
+    auto: scale when the sizes are full scale (they sum to all 112,120 NIH images) and the data
+    is a subset of that (the embedded default); exact otherwise.
+    """
+    configured = (int(test_size), *(int(s) for s in site_sizes))
+    total = sum(configured)
+    if fit not in ("auto", "exact", "scale"):
+        raise PartitionError(f"expected partition.fit auto, exact or scale, found {fit!r}")
+    mode = fit
+    if fit == "auto":
+        mode = "scale" if total == FULL_SCALE_IMAGES and n_images < total else "exact"
+    if mode == "exact":
+        if total > n_images:
+            why = (
+                f" (partition.fit auto scales only full-scale sizes, which sum to "
+                f"{FULL_SCALE_IMAGES:,})"
+                if fit == "auto"
+                else ""
+            )
+            raise PartitionError(
+                f"partition sizes sum to {total:,} images (test_size {test_size:,} + "
+                f"site_sizes {' + '.join(f'{s:,}' for s in site_sizes)}) but the data has "
+                f"{n_images:,}; expected a sum of at most {n_images:,}{why}. Lower "
+                f"partition.test_size/site_sizes, or set partition.fit: scale to use them as "
+                f"proportions of the data"
+            )
+        return SizeFit(fit, mode, configured, configured, n_images)
+    targets = tuple(scale_targets(n_images, test_size, site_sizes))
+    names = (TEST, *site_names(len(site_sizes)))
+    empty = [name for name, t in zip(names, targets, strict=True) if t == 0]
+    if empty:
+        raise PartitionError(
+            f"partition sizes {list(configured)} scaled to the data's {n_images:,} images "
+            f"leave {empty} with no image; expected at least one image per set"
+        )
+    return SizeFit(fit, mode, configured, targets, n_images)
 
 
 # ---------------------------------------------------------------- per-patient features
@@ -86,6 +174,15 @@ PARTITIONERS: dict[str, Scorer] = {}
 
 
 def register(name: str) -> Callable[[Scorer], Scorer]:
+    """Add a scorer under `name`, which must also be listed in fedcxr.config.REGISTRIES (so
+    partition.strategy is checked when params load, without importing this module)."""
+    listed = REGISTRIES["partition.strategy"][1]
+    if name not in listed:
+        raise ValueError(
+            f"partitioner {name!r} is not listed in fedcxr.config.REGISTRIES"
+            f"['partition.strategy'] {list(listed)}; add it there too"
+        )
+
     def wrap(fn: Scorer) -> Scorer:
         PARTITIONERS[name] = fn
         return fn
@@ -190,24 +287,52 @@ def fill_exact(
     return out
 
 
+def _settle_with_unused(
+    patient_set: np.ndarray, sizes: np.ndarray, targets: list[int], rng: np.random.Generator
+) -> None:
+    """Meet every set's target exactly by trading whole patients with the unused images (-1).
+
+    Small sets drawn from a small pool can miss their size by a few images; with unused images
+    to spare, an over-full set gives patients back (those no larger than the excess first) and
+    an under-full one takes single-image patients from the unused ones. In place.
+    """
+    for s, target in enumerate(targets):
+        got = int(sizes[patient_set == s].sum())
+        while got > target:
+            members = np.flatnonzero(patient_set == s)
+            fitting = members[sizes[members] <= got - target]
+            drop = rng.choice(fitting) if len(fitting) else members[np.argmin(sizes[members])]
+            patient_set[drop] = -1
+            got -= int(sizes[drop])
+        free = np.flatnonzero((patient_set < 0) & (sizes == 1))
+        if 0 < target - got <= len(free):
+            patient_set[rng.choice(free, size=target - got, replace=False)] = s
+
+
 # ---------------------------------------------------------------- the split
 
 
 @dataclass(frozen=True)
 class SplitPlan:
-    """Per image (in metadata order): its set (test or a site) and split (train/val/test)."""
+    """Per image (in metadata order): its set (test, a site, or unused) and split."""
 
     sets: tuple[str, ...]  # test first, then sites
     targets: tuple[int, ...]
-    assignment: np.ndarray  # per image: index into sets
-    split: np.ndarray  # per image: "train" | "val" | "test"
+    assignment: np.ndarray  # per image: index into sets, or -1 for an unused image
+    split: np.ndarray  # per image: "train" | "val" | "test" | "unused"
+    sizes: SizeFit  # how the configured sizes met the data
 
     def set_of(self) -> np.ndarray:
-        return np.asarray(self.sets, dtype=object)[self.assignment]
+        names = np.asarray([*self.sets, UNUSED], dtype=object)
+        return names[np.where(self.assignment < 0, len(self.sets), self.assignment)]
 
 
 def plan_split(meta: pd.DataFrame, cfg: PartitionConfig, seed: int) -> SplitPlan:
-    """Split images by patient into a test set and len(cfg.site_sizes) sites, exactly sized."""
+    """Split images by patient into a test set and len(cfg.site_sizes) sites, exactly sized.
+
+    The sizes are met as partition.fit says (fit_sizes): exactly, leaving any other images
+    unused, or scaled in proportion to the data.
+    """
     if cfg.strategy not in PARTITIONERS:
         raise PartitionError(
             f"unknown partition.strategy {cfg.strategy!r}; expected one of {sorted(PARTITIONERS)}"
@@ -216,28 +341,42 @@ def plan_split(meta: pd.DataFrame, cfg: PartitionConfig, seed: int) -> SplitPlan
         raise PartitionError("cannot split an empty metadata table")
     rng = np.random.default_rng([seed, 7])
     sets = (TEST, *site_names(len(cfg.site_sizes)))
-    targets = scale_targets(len(meta), cfg.test_size, cfg.site_sizes)
+    fit = fit_sizes(len(meta), cfg.test_size, cfg.site_sizes, cfg.fit)
+    targets = list(fit.targets)
     patients = patient_table(meta)
     sizes = patients["n_images"].to_numpy()
 
-    # 1. The held-out test set: random patients (representative of the whole population).
+    # 1. The held-out test set (and any unused images): random patients, representative of the
+    #    whole population. Without unused images this is exactly the two-way draw it always was.
     test_target = targets[0]
-    is_test = (
-        fill_exact(
+    if fit.unused == 0:
+        first = fill_exact(
             sizes, _gumbel(rng, (len(patients), 2)), [test_target, len(meta) - test_target], rng
         )
-        == 0
-    )
+    else:
+        # Every single-image patient is held in reserve, so each of the three draws gets them
+        # in the data's share (not only a few to close its gap) and the sites, drawn next from
+        # a small pool, can still be met exactly.
+        capacities = [test_target, sum(targets[1:]), fit.unused]
+        first = fill_exact(sizes, _gumbel(rng, (len(patients), 3)), capacities, rng, 1.0)
+    is_test = first == 0
+    is_unused = first == 2
 
     # 2. Sites: the configured strategy scores the remaining patients.
-    rest = patients[~is_test]
+    in_sites = ~is_test & ~is_unused
+    rest = patients[in_sites]
     scores = PARTITIONERS[cfg.strategy](rest, len(targets) - 1, rng, cfg)
-    site_of_rest = fill_exact(rest["n_images"].to_numpy(), scores, targets[1:], rng) + 1
+    reserve = 0.05 if fit.unused == 0 else 1.0  # the small pool needs all its singles
+    site_of_rest = fill_exact(rest["n_images"].to_numpy(), scores, targets[1:], rng, reserve) + 1
     patient_set = np.zeros(len(patients), dtype=np.int64)
-    patient_set[~is_test] = site_of_rest
+    patient_set[in_sites] = site_of_rest
+    patient_set[is_unused] = -1
+    if fit.unused:
+        _settle_with_unused(patient_set, sizes, targets, rng)
 
     # 3. A patient-disjoint validation split inside each site.
-    patient_split = np.where(is_test, "test", "train").astype(object)
+    patient_split = np.where(patient_set == 0, "test", "train").astype(object)
+    patient_split[patient_set < 0] = UNUSED
     for s in range(1, len(sets)):
         members = np.flatnonzero(patient_set == s)
         n_site = int(sizes[members].sum())
@@ -256,6 +395,7 @@ def plan_split(meta: pd.DataFrame, cfg: PartitionConfig, seed: int) -> SplitPlan
         targets=tuple(targets),
         assignment=patient_set[per_image],
         split=patient_split[per_image].astype(str),
+        sizes=fit,
     )
 
 
@@ -313,8 +453,13 @@ def split_report(meta: pd.DataFrame, plan: SplitPlan, cfg: PartitionConfig, seed
             val = set(meta.loc[mask & (plan.split == "val"), "patient_id"])
             entry["train_val_patient_overlap"] = len(train & val)
         sets[name] = entry
+    unused = set_of == UNUSED
+    if unused.any():  # unused patients must be in no set either
+        groups[UNUSED] = set(meta.loc[unused, "patient_id"])
     overlap = patient_overlap(groups)
-    return {
+    targets_met = all(sets[n]["images"] == sets[n]["target"] for n in plan.sets)
+    fit = plan.sizes
+    report: dict[str, Any] = {
         "strategy": cfg.strategy,
         "seed": seed,
         "config": cfg.model_dump(mode="json"),
@@ -323,8 +468,17 @@ def split_report(meta: pd.DataFrame, plan: SplitPlan, cfg: PartitionConfig, seed
         "sets": sets,
         "patient_overlap": overlap,
         "patient_overlap_total": int(sum(overlap.values())),
-        "exact_sizes": all(sets[n]["images"] == sets[n]["target"] for n in plan.sets),
+        # True only when every set holds exactly the configured number of images (not when
+        # scaled sizes were met): the sizes meant what they said.
+        "exact_sizes": targets_met and not fit.scaled,
+        "targets_met": targets_met,
+        "sizes": fit.to_json(),
+        "unused": {
+            "images": int(unused.sum()),
+            "patients": int(meta.loc[unused, "patient_id"].nunique()),
+        },
     }
+    return report
 
 
 def check_disjoint(report: dict) -> None:

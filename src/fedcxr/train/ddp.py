@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 import fedcxr
 from fedcxr.checkpoint import save_checkpoint
-from fedcxr.config import TrainConfig
+from fedcxr.config import TrainConfig, resolve_world_size
 from fedcxr.models import build_model, num_classes_for
 from fedcxr.sitedata import INDEX, SiteData
 from fedcxr.stageio import write_json
@@ -335,6 +335,17 @@ def write_outputs(spec: DDPSpec, summary: dict[str, Any], state: dict[str, torch
 
 
 # --- launching ------------------------------------------------------------------------------
+
+
+def cuda_gpu_count() -> int:
+    """CUDA GPUs this machine gives torch (0 without CUDA: the run uses gloo on CPU)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def machine_world_size(value: int | Literal["auto"]) -> int:
+    """train.ddp_world_size resolved on this machine (config.resolve_world_size); a count above
+    its GPUs is a ConfigError naming the key and the count."""
+    return resolve_world_size(value, cuda_gpu_count())
 
 
 def torchrun_command(world_size: int, spec: DDPSpec) -> list[str]:
