@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import ttest_rel
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedcxr.evaluation import evaluate as ev
@@ -155,8 +156,8 @@ def test_metrics_have_the_contract_keys(result: ev.Evaluation) -> None:
             assert m["n_seeds"] == (2 if task == "multilabel" else 1)
             assert list(m["auroc"]) == (list(FINDINGS) if task == "multilabel" else ["Pneumonia"])
             assert m["sensitivity_pneumonia"] is not None
-            for key in ev.REPORTED:
-                assert m[key] is not None and m[f"{key}_lo"] <= m[f"{key}_hi"], (config, key)
+            # the values: test_reported_metrics_and_cis_equal_a_direct_computation
+            assert all(m[k] is not None for k in ev.REPORTED), (config, task)
     assert metrics["federated"]["multilabel"]["auroc"]["Hernia"] is None  # one class in test
     assert metrics["federated"]["pneumonia"]["auroc_macro_std"] == 0.0  # one seed
     comps = metrics["comparisons"]
@@ -181,31 +182,195 @@ def test_metrics_have_the_contract_keys(result: ev.Evaluation) -> None:
     }
 
 
-def _test_probs(world: Path, family: str, task: str, site: str | None = None) -> np.ndarray:
-    """Pneumonia test probabilities of a seed-1 run, predicted here independently."""
-    model, _ = ev.load_model(run_dir(world / "models", family, task, 1, site), torch.device("cpu"))
-    data = XrayDataset.from_split([SiteData.open(world / "data/test")], "test", task, 32)
+# Reference values, computed here without the code under test: the model's probabilities from
+# `predict`, then thresholds, metrics, the patient bootstrap and p-values by hand / sklearn.
+N_BOOT_FIXTURE, BOOT_SEED = 50, 42  # run_eval's defaults, used by the `result` fixture
+RUN_OF = {  # config -> (family, site)
+    "federated": ("federated", None),
+    "single_node": ("single_node", None),
+    "local_site-a": ("local", "site-a"),
+}
+
+
+def _probs(world: Path, config: str, task: str, seed: int, split: str) -> np.ndarray:
+    """(n, labels) probabilities of one run on `split`: test, or the validation rows whose
+    thresholds the config uses (its own site for a local run, all sites pooled otherwise)."""
+    family, site = RUN_OF[config]
+    model, _ = ev.load_model(
+        run_dir(world / "models", family, task, seed, site), torch.device("cpu")
+    )
+    if split == "test":
+        folders = [SiteData.open(world / "data/test")]
+    else:
+        names = [site] if site else ["site-a", "site-b"]
+        folders = [SiteData.open(world / "data/sites" / name) for name in names]
+    data = XrayDataset.from_split(folders, split, task, 32)
     probs, _ = predict(model, make_loader(data, 7, shuffle=False), torch.device("cpu"))
-    return probs[:, -1 if task == "pneumonia" else PNEU].astype(np.float64)
+    return probs.astype(np.float64).reshape(len(data), -1)
 
 
-def test_single_seed_metrics_and_comparisons_are_sklearn_and_delong_on_the_predictions(
-    result: ev.Evaluation, world: Path
+def _labels(world: Path, config: str, task: str, split: str) -> np.ndarray:
+    _, site = RUN_OF[config]
+    names = [site] if site else ["site-a", "site-b"]
+    folders = ["data/test"] if split == "test" else [f"data/sites/{n}" for n in names]
+    index = pd.concat([pd.read_csv(world / f / "index.csv") for f in folders])
+    columns = ["Pneumonia"] if task == "pneumonia" else list(FINDINGS)
+    return index.loc[index["split"] == split, columns].to_numpy()
+
+
+def _youden_by_hand(y: np.ndarray, p: np.ndarray) -> float:
+    """argmax of TPR - FPR over 'score >= t', the highest t on ties; 0.5 for one class."""
+    if len(np.unique(y)) < 2:
+        return 0.5
+    candidates = [np.nextafter(p.max(), np.inf), *np.unique(p)[::-1]]  # "none positive" first
+    j = [(p[y == 1] >= t).mean() - (p[y == 0] >= t).mean() for t in candidates]
+    return float(candidates[int(np.argmax(j))])
+
+
+def _macro_by_hand(Y: np.ndarray, P: np.ndarray, T: np.ndarray) -> dict[str, float]:
+    """Every REPORTED value for one seed on the rows given; NaN where undefined."""
+    values: dict[str, list[float]] = {k: [] for k in ev.REPORTED[:6]}
+    for j in range(Y.shape[1]):
+        y, p = Y[:, j], P[:, j]
+        if len(np.unique(y)) < 2:
+            continue  # no AUROC and left out of every macro mean
+        call = p >= T[j]
+        tp, fp = int((call & (y == 1)).sum()), int((call & (y == 0)).sum())
+        fn, tn = int((~call & (y == 1)).sum()), int((~call & (y == 0)).sum())
+        values["auroc_macro"].append(roc_auc_score(y, p))
+        values["accuracy"].append((tp + tn) / len(y))
+        values["precision"].append(tp / (tp + fp) if tp + fp else 0.0)
+        values["recall"].append(tp / (tp + fn))
+        values["specificity"].append(tn / (tn + fp))
+        values["f1"].append(2 * tp / (2 * tp + fp + fn))
+    out = {k: float(np.mean(v)) if v else np.nan for k, v in values.items()}
+    k = Y.shape[1] - 1 if Y.shape[1] == 1 else PNEU
+    y, call = Y[:, k], P[:, k] >= T[k]
+    out["sensitivity_pneumonia"] = (call & (y == 1)).sum() / (y == 1).sum() if y.any() else np.nan
+    neg = (y == 0).sum()
+    out["specificity_pneumonia"] = (~call & (y == 0)).sum() / neg if neg else np.nan
+    return out
+
+
+def _patient_replicates(groups: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """Rows of each replicate: as many patients as there are, drawn with replacement from
+    numpy's default_rng(seed), every image of a drawn patient taken (stats.bootstrap_ci's
+    documented draws)."""
+    patients, inverse = np.unique(groups, return_inverse=True)
+    rows_of = [np.flatnonzero(inverse == g) for g in range(len(patients))]
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(patients), size=len(patients)) for _ in range(n_boot)]
+    return [np.concatenate([rows_of[g] for g in drawn]) for drawn in draws]
+
+
+def _ci_by_hand(values: np.ndarray) -> tuple[float | None, float | None]:
+    finite = values[np.isfinite(values)]
+    if finite.size < values.size / 2:
+        return None, None
+    return tuple(float(q) for q in np.quantile(finite, [0.025, 0.975]))
+
+
+def _reference(world: Path, config: str, task: str) -> dict:
+    """Per seed: test probabilities and hand-chosen thresholds; per metric: the seed-averaged
+    point value, the seed spread and the (n_boot,) seed-averaged bootstrap replicates."""
+    seeds = (1, 2) if task == "multilabel" else (1,)  # as in RUNS
+    Y = _labels(world, config, task, "test")
+    Y_val = _labels(world, config, task, "val")
+    groups = pd.read_csv(world / "data/test/index.csv")["patient_id"].to_numpy()
+    runs = []
+    for seed in seeds:
+        P_val = _probs(world, config, task, seed, "val")
+        T = np.array([_youden_by_hand(Y_val[:, j], P_val[:, j]) for j in range(Y.shape[1])])
+        runs.append((_probs(world, config, task, seed, "test"), T))
+    per_seed = [_macro_by_hand(Y, P, T) for P, T in runs]
+    reps = _patient_replicates(groups, N_BOOT_FIXTURE, BOOT_SEED)
+    boot = [[_macro_by_hand(Y[rows], P[rows], T) for rows in reps] for P, T in runs]
+    return {
+        "Y": Y,
+        "runs": runs,
+        "point": {k: np.mean([v[k] for v in per_seed]) for k in ev.REPORTED},
+        "std": {
+            k: np.std([v[k] for v in per_seed], ddof=1) if len(runs) > 1 else 0.0
+            for k in ev.REPORTED
+        },
+        "seed_auroc": [v["auroc_macro"] for v in per_seed],
+        "boot": {
+            k: np.mean([[r[k] for r in seed_reps] for seed_reps in boot], axis=0)
+            for k in ev.REPORTED
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(world: Path) -> dict[tuple[str, str], dict]:
+    pairs = [
+        ("federated", "pneumonia"),
+        ("single_node", "pneumonia"),
+        ("local_site-a", "pneumonia"),
+    ]
+    pairs += [("federated", "multilabel"), ("single_node", "multilabel")]
+    return {(c, t): _reference(world, c, t) for c, t in pairs}
+
+
+@pytest.mark.parametrize(
+    ("config", "task"),
+    [("federated", "pneumonia"), ("local_site-a", "pneumonia"), ("single_node", "multilabel")],
+)
+def test_reported_metrics_and_cis_equal_a_direct_computation(
+    result: ev.Evaluation, reference: dict, config: str, task: str
 ) -> None:
-    y = pd.read_csv(world / "data/test/index.csv")["Pneumonia"].to_numpy()
-    fed = _test_probs(world, "federated", "pneumonia")
-    m, comps = result.metrics, result.metrics["comparisons"]["pneumonia"]
-    assert m["federated"]["pneumonia"]["auroc_macro"] == pytest.approx(roc_auc_score(y, fed))
-    for family, site in (("single_node", None), ("local", "site-a")):
-        other = f"local_{site}" if site else family
-        comp = comps[f"federated_vs_{other}"]
-        a, b = m["federated"]["pneumonia"]["auroc_macro"], m[other]["pneumonia"]["auroc_macro"]
-        assert comp["auroc_diff"] == a - b
-        assert comp["auroc_diff_lo"] <= comp["auroc_diff_hi"]
-        assert 0.0 < comp["bootstrap_p"] <= 1.0
-        want = delong_test(y, fed, _test_probs(world, family, "pneumonia", site))
-        assert comp["delong_z"] == pytest.approx(want.z)
-        assert comp["delong_p"] == pytest.approx(want.p_value)
+    ref, m = reference[config, task], result.metrics[config][task]
+    thresholds = result.thresholds[config][task]
+    for seed, (_, T) in zip(sorted(thresholds), ref["runs"], strict=True):
+        np.testing.assert_allclose(thresholds[seed], T, rtol=0, atol=1e-12)  # validation only
+    for key in ev.REPORTED:
+        assert m[key] == pytest.approx(ref["point"][key], abs=1e-12), key
+        assert m[f"{key}_std"] == pytest.approx(ref["std"][key], abs=1e-12), key
+        lo, hi = _ci_by_hand(ref["boot"][key])
+        assert (m[f"{key}_lo"], m[f"{key}_hi"]) == pytest.approx((lo, hi), abs=1e-12), key
+    names = list(m["auroc"])
+    for j, name in enumerate(names):
+        y = ref["Y"][:, j]
+        want = [roc_auc_score(y, P[:, j]) for P, _ in ref["runs"]] if y.min() < y.max() else None
+        assert m["auroc"][name] == (None if want is None else pytest.approx(np.mean(want))), name
+    # the CI is not degenerate: replicates differ, so a constant or copied value would fail
+    assert m["auroc_macro_lo"] < m["auroc_macro_hi"]
+
+
+def _p_by_hand(d: np.ndarray) -> float:
+    """Two-sided bootstrap p: 2 x (1 + replicates on the smaller side of 0) / (1 + B), <= 1."""
+    d = d[np.isfinite(d)]
+    return min(1.0, 2 * (1 + min((d <= 0).sum(), (d >= 0).sum())) / (1 + d.size))
+
+
+@pytest.mark.parametrize(
+    ("task", "other"),
+    [("pneumonia", "single_node"), ("pneumonia", "local_site-a"), ("multilabel", "single_node")],
+)
+def test_comparisons_equal_a_direct_computation(
+    result: ev.Evaluation, reference: dict, task: str, other: str
+) -> None:
+    comp = result.metrics["comparisons"][task][f"federated_vs_{other}"]
+    a, b = reference["federated", task], reference[other, task]
+    assert comp["auroc_diff"] == pytest.approx(
+        a["point"]["auroc_macro"] - b["point"]["auroc_macro"], abs=1e-12
+    )
+    diffs = a["boot"]["auroc_macro"] - b["boot"]["auroc_macro"]  # paired: same replicates
+    lo, hi = _ci_by_hand(diffs)
+    assert (comp["auroc_diff_lo"], comp["auroc_diff_hi"]) == pytest.approx((lo, hi), abs=1e-12)
+    assert comp["bootstrap_p"] == pytest.approx(_p_by_hand(diffs), abs=1e-12)
+    column = -1 if task == "pneumonia" else PNEU
+    y = a["Y"][:, column]
+    fed = np.mean([P[:, column] for P, _ in a["runs"]], axis=0)
+    want = delong_test(y, fed, np.mean([P[:, column] for P, _ in b["runs"]], axis=0))
+    key = "" if task == "pneumonia" else "_pneumonia"
+    assert comp[f"delong_z{key}"] == pytest.approx(want.z)
+    assert comp[f"delong_p{key}"] == pytest.approx(want.p_value)
+    if task == "multilabel":  # two common seeds: scipy's paired t-test of the seeds' AUROCs
+        t, p = ttest_rel(a["seed_auroc"], b["seed_auroc"])
+        assert (comp["ttest_t"], comp["ttest_p"]) == pytest.approx((t, p), abs=1e-12)
+    else:
+        assert comp["ttest_p"] is None
 
 
 def test_thresholds_are_chosen_on_validation_splits_only(

@@ -140,9 +140,53 @@ TRAIN_STAGES = (
 
 
 def _ran(stdout: str) -> set[str]:
+    """Stages that DVC ran (matrix items by full name, e.g. train_federated@multilabel-42)."""
     return {
         line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")
     }
+
+
+def _restored(stdout: str) -> set[str]:
+    """Stages that DVC restored from its run cache instead of running them."""
+    return {
+        line.split("'")[1]
+        for line in stdout.splitlines()
+        if line.startswith("Stage '") and "is cached - skipping run" in line
+    }
+
+
+def _expanded(stages: set[str], params: dict) -> set[str]:
+    """Stage names as DVC prints them: a training stage once per matrix item (task-seed)."""
+    items = [f"{t}-{s}" for t in params["study"]["tasks"] for s in params["train"]["seeds"]]
+    matrix = stages & set(TRAIN_STAGES)
+    return {f"{s}@{item}" for s in matrix for item in items} | (stages - matrix)
+
+
+def _macro_auroc_by_hand(repo: Path, config: str, seeds: list[int]) -> float:
+    """Mean over seeds of sklearn's AUROC averaged over the findings with both classes in
+    data/test, from each run's saved model."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from fedcxr.evaluation.evaluate import load_model
+    from fedcxr.runs import run_dir
+    from fedcxr.sitedata import SiteData
+    from fedcxr.train.data import XrayDataset, make_loader
+    from fedcxr.train.loop import predict
+
+    family, site = (
+        ("local", config.removeprefix("local_")) if "local_" in config else (config, None)
+    )
+    test = SiteData.open(repo / "data/test")
+    per_seed = []
+    for seed in seeds:
+        folder = run_dir(repo / "models", family, "multilabel", seed, site)
+        model, card = load_model(folder, torch.device("cpu"))
+        data = XrayDataset.from_split([test], "test", "multilabel", card.image_size)
+        probs, labels = predict(model, make_loader(data, 8, shuffle=False), torch.device("cpu"))
+        both = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)]
+        per_seed.append(np.mean([roc_auc_score(labels[:, j], probs[:, j]) for j in both]))
+    return float(np.mean(per_seed))
 
 
 def test_study_pipeline_and_local_epochs_ablation(tiny_repo: Path):
@@ -154,16 +198,18 @@ def test_study_pipeline_and_local_epochs_ablation(tiny_repo: Path):
     params["evaluate"]["n_boot"] = 200
     (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first = _run(["dvc", "repro"], tiny_repo)
-    assert {s.split("@")[0] for s in _ran(first.stdout)} >= {*TRAIN_STAGES, "evaluate", "report"}
+    everything = _expanded({*DATA_STAGES, *TRAIN_STAGES, "evaluate", "report"}, params)
+    assert _ran(first.stdout) == everything, first.stdout
     metrics = json.loads((tiny_repo / "reports/metrics.json").read_text())
     # 240 images leave no pneumonia positive in the 22-image test set: evaluate says so and
     # leaves that task out instead of failing; the 14-finding task is evaluated.
     assert "skipping task 'pneumonia'" in first.stderr
     for config in ("federated", "single_node", "centralized", "local_site-a"):
-        entry = metrics[config]["multilabel"]
         assert "pneumonia" not in metrics[config]
-        assert 0.0 <= entry["auroc_macro"] <= 1.0, (config, entry)
-        assert entry["auroc_macro_lo"] <= entry["auroc_macro"] <= entry["auroc_macro_hi"]
+        # the number evaluate reports is the AUROC of that configuration's trained models on
+        # data/test, recomputed here with sklearn (a wrong model, split or label column fails)
+        want = _macro_auroc_by_hand(tiny_repo, config, params["train"]["seeds"])
+        assert metrics[config]["multilabel"]["auroc_macro"] == pytest.approx(want, abs=1e-9)
     assert "federated_vs_single_node" in metrics["comparisons"]["multilabel"]
     efficiency = json.loads((tiny_repo / "reports/efficiency.json").read_text())
     assert efficiency["federated"]["multilabel"]["comm_kind"] == "grpc_wire"
@@ -173,18 +219,20 @@ def test_study_pipeline_and_local_epochs_ablation(tiny_repo: Path):
     _run(["git", "add", "-A"], tiny_repo)
     _run(["git", "commit", "-qm", "study"], tiny_repo)
 
+    # fl.local_epochs is a parameter of federated training only (dvc.yaml): exactly the two
+    # federated trainings, every (task, seed) of each, and what reads their models rerun.
+    touched = {"train_federated", "train_federated_dp", "evaluate", "report"}
     changed = _run(["dvc", "exp", "run", "-S", "fl.local_epochs=2"], tiny_repo)
-    ran = {s.split("@")[0] for s in _ran(changed.stdout)}
-    assert ran == {"train_federated", "train_federated_dp", "evaluate", "report"}, changed.stdout
+    assert _ran(changed.stdout) == _expanded(touched, params), changed.stdout
+    assert not _restored(changed.stdout), changed.stdout  # new params: nothing to restore
     diff = _run(["dvc", "metrics", "diff", "--json"], tiny_repo).stdout
     assert "federated.multilabel.auroc_macro" in diff, diff
 
+    # Back to 1: the same stages again (the trainings' persisted outputs are never restored
+    # from the run cache; evaluate and report may be), and the first metrics exactly.
     back = _run(["dvc", "exp", "run", "-S", "fl.local_epochs=1"], tiny_repo)
-    assert {s.split("@")[0] for s in _ran(back.stdout)} <= {
-        "train_federated",
-        "train_federated_dp",
-        "evaluate",
-        "report",
-    }
+    ran, restored = _ran(back.stdout), _restored(back.stdout)
+    assert ran | restored == _expanded(touched, params) and not ran & restored, back.stdout
+    assert _expanded({"train_federated", "train_federated_dp"}, params) <= ran, back.stdout
     again = json.loads((tiny_repo / "reports/metrics.json").read_text())
     assert again == metrics

@@ -16,7 +16,13 @@ from PIL import Image
 
 from fedcxr.models import MODELS, build_model
 from fedcxr.report import SECTIONS, ReportPaths, RunContext, fmt, render_report
-from fedcxr.report.gradcam import TARGET_LAYERS, gradcam_panel, panel_figure, target_layer
+from fedcxr.report.gradcam import (
+    TARGET_LAYERS,
+    gradcam_panel,
+    model_inputs,
+    panel_figure,
+    target_layer,
+)
 from fedcxr.report.reading import judge
 from fedcxr.report.tables import config_label
 
@@ -194,7 +200,7 @@ def test_gradcam_panel_on_a_tiny_untrained_smallcnn(tmp_path):
     images = np.random.default_rng(0).random((5, 48, 48))
     out = tmp_path / "gradcam.png"
     cams = gradcam_panel(model, "smallcnn", images, 3, out, [f"case {i}" for i in range(5)], 32)
-    assert cams.shape == (5, 32, 32) and cams.min() >= 0.0 and cams.max() <= 1.0
+    assert cams.shape == (5, 32, 32)  # where the maps point: test_gradcam_peaks_on_...
     with Image.open(out) as png:
         assert png.format == "PNG" and png.width > png.height  # 2 rows x 4 columns
     fig = panel_figure(np.zeros((5, 32, 32)), cams, [f"case {i}" for i in range(5)])
@@ -203,6 +209,57 @@ def test_gradcam_panel_on_a_tiny_untrained_smallcnn(tmp_path):
         gradcam_panel(model, "smallcnn", images, 14, out)
     with pytest.raises(ValueError, match="5 titles"):
         gradcam_panel(model, "smallcnn", images, 0, out, ["only one"])
+
+
+def _region_detector() -> torch.nn.Module:
+    """A smallcnn whose class 0 is "how much bright area" and class 1 "how much dark area".
+
+    Channel 0 carries ReLU(x) and channel 1 ReLU(-x) of the normalised image through every
+    layer (centre taps, identity BatchNorm, other channels zero); the classifier reads channel
+    0 for class 0 and channel 1 for class 1. The decision depends on the planted regions only.
+    """
+    model = build_model("smallcnn", 2)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.zero_()
+                centre = module.kernel_size[0] // 2
+                sign = -1.0 if module is model.stem[0] else 1.0  # stem: channel 1 gets -x
+                module.weight[0, 0, centre, centre] = 1.0
+                module.weight[1, 0 if module is model.stem[0] else 1, centre, centre] = sign
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()  # mean 0, var 1
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        model.classifier.weight[0, 0] = model.classifier.weight[1, 1] = 1.0
+    return model.eval()
+
+
+def test_gradcam_peaks_on_the_region_that_drives_the_class(tmp_path):
+    # Grey images (0 after normalisation) with one bright and one dark 32 x 32 square, placed
+    # off the diagonal and differently per image: a transposed, flipped, image-independent or
+    # wrong-class map peaks elsewhere. Squares sit on the 16-px cells of the 8 x 8 target layer.
+    size, side = 128, 32
+    places = [((16, 80), (80, 16)), ((80, 64), (16, 16)), ((48, 0), (48, 96))]  # (bright, dark)
+    images = np.full((len(places), size, size), 128, np.uint8)
+    masks = {0: np.zeros(images.shape, bool), 1: np.zeros(images.shape, bool)}
+    for i, places_i in enumerate(places):
+        for cls, ((r, c), value) in enumerate(zip(places_i, (255, 0), strict=True)):
+            images[i, r : r + side, c : c + side] = value
+            masks[cls][i, r : r + side, c : c + side] = True
+    model = _region_detector()
+    logits = model(model_inputs(images)[0])
+    assert torch.all(logits > 0.1)  # both regions are seen
+    for cls in (0, 1):
+        cams = gradcam_panel(model, "smallcnn", images, cls, tmp_path / f"c{cls}.png")
+        assert cams.shape == images.shape
+        for i, cam in enumerate(cams):
+            peak = np.unravel_index(np.argmax(cam), cam.shape)
+            assert masks[cls][i][peak], (cls, i, peak)
+            inside, outside = cam[masks[cls][i]].mean(), cam[~masks[cls][i]].mean()
+            assert inside > 5 * outside, (cls, i, inside, outside)
 
 
 def test_gradcam_accepts_model_input_tensors_and_dp_safe_models(tmp_path):

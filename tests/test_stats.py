@@ -355,9 +355,16 @@ def test_bootstrap_skips_undefined_replicates_up_to_half() -> None:
     # undefined); those are skipped and the CI still comes back.
     y = np.zeros(40, dtype=int)
     y[0] = 1
-    p = np.linspace(0, 1, 40)[::-1]
+    p = np.random.default_rng(3).random(40)  # the positive's rank varies between replicates
     low, high = bootstrap_ci(auroc, y, p, np.arange(40), n_boot=200, seed=0)
-    assert 0.0 <= low <= high <= 1.0
+    # by hand: one row per patient, 40 draws with replacement per replicate from
+    # default_rng(seed); replicates without the positive are left out, not counted as 0 or 1
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, 40, size=40) for _ in range(200)]
+    kept = [roc_auc_score(y[rows], p[rows]) for rows in draws if y[rows].any()]
+    assert 0.25 * 200 < 200 - len(kept) < 0.5 * 200  # about 36% skipped
+    assert (low, high) == pytest.approx(tuple(np.quantile(kept, [0.025, 0.975])), abs=1e-12)
+    assert low < high
     with pytest.raises(ValueError, match="200 of 200 bootstrap replicates"):
         bootstrap_ci(lambda yb, pb: float("nan"), y, p, np.arange(40), n_boot=200)
     with pytest.raises(ValueError, match="one id per row"):

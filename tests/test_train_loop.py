@@ -21,6 +21,7 @@ from fedcxr.train import (
     evaluate_auroc,
     labels_for,
     load_plain_state_dict,
+    loop,
     make_loader,
     make_private,
     make_setup,
@@ -31,7 +32,7 @@ from fedcxr.train import (
     threads_per_process,
     train_epoch,
 )
-from fedcxr.train.loop import TrainSetup
+from fedcxr.train.loop import TrainSetup, autocast_dtype, full_fp32
 
 CPU = torch.device("cpu")
 STORED = 64  # pixels of the tiny site folders
@@ -280,6 +281,90 @@ def test_plain_state_dict_strips_the_opacus_prefix_and_loads_into_both(site):
     assert all(torch.equal(fresh.state_dict()[k], trained[k]) for k in trained)
     load_plain_state_dict(private.model, plain)  # back to the initial weights, wrapped model
     assert all(torch.equal(plain_state_dict(private.model)[k], plain[k]) for k in plain)
+
+
+# --- precision: bf16 for training on CUDA, fp32 for every prediction -----------------------
+
+
+class AutocastSpy(torch.nn.Module):
+    """Wraps a model; records, for each forward, whether autocast was on for the input's device."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.autocast: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.autocast.append(torch.is_autocast_enabled(x.device.type))
+        return self.inner(x)
+
+
+def test_autocast_dtype_is_bf16_for_training_on_cuda_only(monkeypatch):
+    assert autocast_dtype("cuda", "train") is torch.bfloat16
+    assert autocast_dtype("cuda", "train", bf16_supported=False) is None
+    assert autocast_dtype("cuda", "predict") is None
+    assert autocast_dtype("cpu", "train") is None
+    assert autocast_dtype("cpu", "predict") is None
+    with pytest.raises(ValueError, match="'evaluate'"):
+        autocast_dtype("cuda", "evaluate")
+    # make_setup's decision: a bf16-capable GPU trains with autocast, a CPU never does
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert loop._amp_ok(torch.device("cuda")) is True
+    assert loop._amp_ok(CPU) is False
+
+
+def test_predict_runs_in_fp32_even_where_training_autocasts(site, monkeypatch):
+    # The CPU stands in for a bf16 GPU: training takes the autocast path, prediction must not.
+    monkeypatch.setattr(loop, "_amp_ok", lambda device: True)
+    seed_everything(0)
+    data = XrayDataset.from_split([site], "train", "pneumonia", SIZE, augment=False, seed=0)
+    cfg = TrainConfig(lr=3e-3, batch_size=16, image_size=SIZE)
+    spy = AutocastSpy(build_model("smallcnn", 1))
+    setup = make_setup(spy, cfg, "pneumonia", data.labels, CPU)
+    assert setup.amp
+    train_epoch(setup, make_loader(data, cfg.batch_size, shuffle=True, seed=0))
+    assert spy.autocast and all(spy.autocast)  # training keeps bf16 autocast
+
+    val = XrayDataset.from_split([site], "val", "pneumonia", SIZE)
+    loader = make_loader(val, 8, shuffle=False)
+    spy.autocast.clear()
+    probs, _ = predict(spy, loader, CPU)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast region, too
+        inside, _ = predict(spy, loader, CPU)
+    assert len(spy.autocast) == 2 * len(loader) and not any(spy.autocast)
+    spy.eval()
+    with torch.no_grad():
+        fp32 = torch.cat([torch.sigmoid(spy.inner(x)) for x, _ in loader]).numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = torch.cat([torch.sigmoid(spy.inner(x)).float() for x, _ in loader]).numpy()
+    assert np.abs(bf16 - fp32).max() > 1e-4  # bf16 would be visible at this tolerance
+    np.testing.assert_allclose(probs, fp32, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(inside, fp32, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_full_fp32_turns_tf32_off_on_cuda_and_restores_it():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with full_fp32(torch.device("cuda")):
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        assert not torch.is_autocast_enabled("cuda")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(RuntimeError, match="boom"), full_fp32(torch.device("cuda")):
+        raise RuntimeError("boom")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with full_fp32(CPU):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+def test_every_metric_path_predicts_through_the_fp32_predict():
+    from fedcxr.evaluation import evaluate
+    from fedcxr.federation import runner
+
+    # evaluation (test metrics and validation thresholds) and the sites' validation AUROC
+    assert evaluate.predict is loop.predict
+    assert runner.predict is loop.predict
 
 
 # --- evaluation, threads, config ------------------------------------------------------------
