@@ -253,6 +253,7 @@ def test_spec_survives_the_command_line(sites, tmp_path):
         tiny_spec((sites[0], sites[0]), tmp_path / "out")
 
 
+@pytest.mark.slow  # a real torchrun launch: ~10 s of interpreter and torch start-up
 def test_a_failed_launch_raises_with_the_output_tail(tmp_path):
     spec = tiny_spec((tmp_path / "no_such_site",), tmp_path / "out", epochs=1)
     with pytest.raises(DDPLaunchError, match=r"exited with 1(.|\n)*no_such_site"):
