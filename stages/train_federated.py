@@ -1,8 +1,16 @@
 """DVC stage `train_federated` (and `train_federated_dp`): FedAvg/FedProx over gRPC with
-mutual TLS, one process per simulated site, for one (task, seed) of the study matrix."""
+mutual TLS, one process per simulated site, for one (task, seed) of the study matrix.
 
+The run folder persists, so a killed run resumes from its last completed round. A previous run
+that cannot be continued (params changed, or it finished) is never deleted when it holds a
+checkpoint or an audit log found nowhere else: it is moved to runs-archive/ (see
+fedcxr.runs.set_aside) and the stage prints where. Params are checked before anything is moved.
+"""
+
+import hashlib
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from _common import MODELS, SITES, matrix_entry
@@ -10,8 +18,16 @@ from dvclive import Live
 
 from fedcxr.checkpoint import load_checkpoint
 from fedcxr.config import Params
-from fedcxr.federation.runner import CHECKPOINT, changed_training_keys, run_federation
-from fedcxr.runs import CARD, RunCard, run_dir
+from fedcxr.federation.runner import (
+    AUDIT,
+    CHECKPOINT,
+    PARAMS,
+    changed_training_keys,
+    check_names,
+    find_sites,
+    run_federation,
+)
+from fedcxr.runs import ARCHIVE, CARD, RunCard, run_dir, set_aside
 from fedcxr.stageio import run_stage, write_json
 
 PKI = Path("pki")  # certificates and keys: kept out of git (.gitignore) and DVC
@@ -68,14 +84,64 @@ def run_card(summary: dict, params: Params, family: str) -> RunCard:
     )
 
 
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def in_dvc_cache() -> Callable[[Path], bool]:
+    """Whether a file's content is an object of this repository's DVC cache (by MD5), so that
+    `dvc checkout` can restore it. Outside a DVC repository nothing is."""
+    try:
+        from dvc.repo import Repo
+
+        cache = Repo(".").cache.local
+    except Exception:  # not a DVC repository, or DVC unusable: keep everything
+        return lambda path: False
+    return lambda path: Path(cache.oid_to_path(_md5(path))).is_file()
+
+
+def previous_run(params: Params, out: Path) -> str | None:
+    """Why the run in `out` cannot be continued; None when there is none or it can resume."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if not (out / PARAMS).is_file():
+        return f"{out} holds no federation run ({PARAMS} missing)"
+    changed = changed_training_keys(params, out)
+    if changed:
+        return f"params changed ({', '.join(changed)})"
+    if (out / CHECKPOINT).exists() and load_checkpoint(out / CHECKPOINT).round >= params.fl.rounds:
+        return "previous run finished"
+    return None
+
+
+def clear_run(out: Path, family: str, tag: str, why: str) -> None:
+    """Make room for a new run in `out`, moving a previous run's evidence aside; say where."""
+    where = set_aside(
+        out, ARCHIVE / family, tag, evidence=(CHECKPOINT, AUDIT), elsewhere=in_dvc_cache()
+    )
+    if where is not None:
+        print(
+            f"{family} {tag}: {why}: the previous run (checkpoint, audit log) was moved to "
+            f"{where}; it stays there until you remove it"
+        )
+    else:
+        print(f"{family} {tag}: {why}: previous outputs removed (nothing that DVC cannot restore)")
+
+
 def main(params: Params) -> None:
     params = matrix_entry(params, __doc__)
     family = "federated_dp" if "--dp" in sys.argv else "federated"
+    check_names(params)  # a bad name fails here, before any output is touched
     out = run_dir(MODELS, family, params.task, params.seed)
     tag = f"{params.task}-s{params.seed}"
     report, live_dir = REPORTS / family / f"{tag}.json", LIVE / family / tag
     if family == "federated_dp" and not params.dp.enabled:
-        shutil.rmtree(out, ignore_errors=True)
+        if out.exists():
+            clear_run(out, family, tag, "dp.enabled is false")
         out.mkdir(parents=True)
         (out / "SKIPPED").write_text("dp.enabled is false: no differentially private run\n")
         write_json(report, {"skipped": "dp.enabled is false"})
@@ -87,19 +153,15 @@ def main(params: Params) -> None:
     params = params.model_copy(
         update={"dp": params.dp.model_copy(update={"enabled": family == "federated_dp"})}
     )
+    find_sites(SITES)  # no data: fail before touching the outputs
     # The output persists so that a killed run resumes from its last completed round. DVC
     # reruns a finished stage only when a parameter or the code changed: then start afresh.
-    if (out / CHECKPOINT).exists():
-        changed = changed_training_keys(params, out)
-        finished = load_checkpoint(out / CHECKPOINT).round >= params.fl.rounds
-        if changed or finished:
-            why = f"params changed ({', '.join(changed)})" if changed else "previous run finished"
-            print(f"{family} {tag}: {why}: starting a new federation")
-            shutil.rmtree(out)
-        else:
-            print(f"{family} {tag}: resuming an interrupted federation")
-    elif out.exists():
-        shutil.rmtree(out)
+    why = previous_run(params, out)
+    if why is not None:
+        clear_run(out, family, tag, why)
+        print(f"{family} {tag}: starting a new federation")
+    elif (out / CHECKPOINT).exists():
+        print(f"{family} {tag}: resuming an interrupted federation")
     summary = run_federation(params, SITES, out, PKI, resume=True)
     card = run_card(summary, params, family)
     write_json(out / CARD, card.to_json())

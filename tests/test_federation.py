@@ -300,18 +300,23 @@ def test_core_waits_for_all_sites_and_refuses_stale_updates(tmp_path: Path) -> N
     state = make_state(tmp_path, rounds=1)
     with pytest.raises(PermissionError, match="allow-list"):
         state.join("site-z", 10, 1, "", "t")
+    assert state.silent_sites() == list(SITES) and not state.round_open
     for site in SITES[:2]:
         state.join(site, N_TRAIN[site], 1, "", "t")
     assert state.next_task("site-a", timeout=0).kind == "WAIT"
+    assert state.silent_sites() == ["site-c"] and not state.round_open  # not joined yet
     state.join("site-c", N_TRAIN["site-c"], 1, "", "t")
     task = state.next_task("site-a", timeout=0)
     assert (task.kind, task.round) == ("TRAIN", 1)
+    assert state.round_open and state.silent_sites() == list(SITES)  # no update yet
     payload = state_to_bytes({k: v + 1 for k, v in initial_state().items()})
     assert not state.submit("site-a", 2, 5, "{}", payload).accepted  # wrong round
     assert not state.submit("site-a", 1, 5, '{"loss": NaN}', payload).accepted
     assert state.next_task("site-a", timeout=0).kind == "WAIT"  # refused counts for the round
     assert state.submit("site-b", 1, 5, "{}", payload).accepted
     assert not state.submit("site-b", 1, 5, "{}", payload).accepted  # one per round
+    assert state.silent_sites() == ["site-c"]  # what a round timeout names
     assert state.submit("site-c", 1, 5, "{}", b"not safetensors").reason.startswith("not a valid")
     assert state.finished and state.next_task("site-a", timeout=0).kind == "STOP"
+    assert state.silent_sites() == [] and not state.round_open
     assert torch.equal(state.global_state()["w"], torch.ones(10))

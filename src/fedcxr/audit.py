@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcxr.stageio import fsync_dir, unshare
+
 SITE_JOINED = "site_joined"
 JOIN_REFUSED = "join_refused"
 MODEL_BROADCAST = "model_broadcast"
@@ -220,23 +222,18 @@ def verify(path: str | Path) -> VerifyResult:
     return verify_bytes(Path(path).read_bytes())
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AuditLog:
     """Appends entries to a hash-chained JSONL file, continuing an existing chain.
 
     Safe to share between threads of one process (the aggregator's gRPC handlers). If the file
     changed behind its back (another writer, an edit), it re-verifies before the next append and
     refuses to extend a broken log.
+
+    Never written through a link: before each append, a log that is a symlink or has other hard
+    links (after `dvc checkout`, the workspace file can be the DVC cache object itself) is first
+    replaced by a private copy (stageio.unshare: temp file, fsync, rename), and the entry is
+    appended to that copy. Copying once when the log is shared, rather than copying the whole
+    log for every entry, keeps appends O(1): a federation writes hundreds of entries per run.
     """
 
     def __init__(self, path: str | Path, *, now: Callable[[], dt.datetime] | None = None) -> None:
@@ -270,6 +267,8 @@ class AuditLog:
             created = not self.path.exists()
             if created:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+            else:
+                unshare(self.path)  # a DVC cache object is never appended to
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 written = os.write(fd, line)
@@ -283,6 +282,6 @@ class AuditLog:
             finally:
                 os.close(fd)
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             self._state = (entries + 1, entry["hash"], size)
             return entry

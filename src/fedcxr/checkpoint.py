@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from fedcxr.stageio import atomic_path
 from fedcxr.transport import write_state_file
 
 META_KEY = "fedcxr"
@@ -29,14 +29,11 @@ class Checkpoint:
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], rnd: int, meta: dict) -> None:
-    """Write to a temporary file, fsync, then rename: a crash never leaves a half checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write to a new temporary file, fsync, then rename: a crash never leaves a half
+    checkpoint, and a checkpoint hard-linked into the DVC cache is replaced, not overwritten."""
     payload = json.dumps({"round": rnd, **meta}, sort_keys=True)
-    write_state_file(tmp, state, metadata={META_KEY: payload})
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write_state_file(tmp, state, metadata={META_KEY: payload})
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

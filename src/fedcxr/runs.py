@@ -5,11 +5,21 @@ and ``run.json`` (the run card). Families: ``federated``, ``federated_dp``, ``si
 ``centralized`` and ``local`` (one sub-folder per site: ``models/local/<task>/s<seed>/<site>``).
 The configuration name that evaluation and the report use is the family, except for local
 runs, which are named ``local_<site>``.
+
+A run folder that must make room for a new run is set aside, not deleted, when it holds
+evidence (a checkpoint, an audit log) found nowhere else: it moves to
+``runs-archive/<family>/<task>-s<seed>-<UTC time>/``, outside every DVC output (the folder is
+git- and DVC-ignored), and stays there until the user removes it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +27,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from fedcxr.stageio import atomic_path, unshare, write_text_atomic
 from fedcxr.transport import write_state_file
 
 MODEL = "model.safetensors"
 CARD = "run.json"
 FAMILIES = ("federated", "federated_dp", "single_node", "centralized", "local")
 COMM_KINDS = ("grpc_wire", "allreduce", "none")
+ARCHIVE = Path("runs-archive")  # runs set aside for a new one; git- and DVC-ignored
 
 
 @dataclass(frozen=True)
@@ -75,9 +87,11 @@ def run_dir(models: Path, family: str, task: str, seed: int, site: str | None = 
 
 
 def write_run(folder: Path, state: dict[str, torch.Tensor], card: RunCard) -> None:
+    """The model and its run card, each written to a new file renamed over the old one."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_state_file(folder / MODEL, state)
-    (folder / CARD).write_text(json.dumps(card.to_json(), indent=2, sort_keys=True) + "\n")
+    with atomic_path(folder / MODEL) as tmp:
+        write_state_file(tmp, state)
+    write_text_atomic(folder / CARD, json.dumps(card.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 def read_card(folder: Path) -> RunCard:
@@ -98,3 +112,60 @@ def read_run(folder: Path) -> tuple[dict[str, torch.Tensor], RunCard]:
 def find_runs(models: Path) -> list[Path]:
     """Every run folder under `models` (those holding a run card), sorted."""
     return sorted(p.parent for p in Path(models).rglob(CARD))
+
+
+def archive_name(label: str, when: dt.datetime) -> str:
+    """`<label>-<UTC time>` (like multilabel-s42-20261127T093012Z), sorting by time."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError(f"expected a timezone-aware time for the archive name, found {when!r}")
+    return f"{label}-{when.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}"
+
+
+def set_aside(
+    folder: Path,
+    archive: Path,
+    label: str,
+    *,
+    evidence: Sequence[str],
+    elsewhere: Callable[[Path], bool] = lambda path: False,
+    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> Path | None:
+    """Clear `folder` for a new run without losing what it holds; where it went, or None.
+
+    `evidence` names the files that must never be deleted (checkpoint, audit log). If `folder`
+    holds any that `elsewhere(path)` does not vouch for (e.g. an identical object in the DVC
+    cache), the whole folder is moved (renamed; copied across file systems) to
+    `archive/<label>-<UTC time>[-n]` and that path is returned. Otherwise -- nothing there, or
+    only files that can be restored -- the folder is removed and None is returned.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: expected a run folder, found a file")
+    kept = [folder / name for name in evidence if (folder / name).is_file()]
+    if all(elsewhere(path) for path in kept):
+        shutil.rmtree(folder)
+        return None
+    archive.mkdir(parents=True, exist_ok=True)
+    base = archive / archive_name(label, now())
+    target, n = base, 1
+    while True:
+        try:
+            target.mkdir()  # claims the name; rename below replaces the empty folder
+            break
+        except FileExistsError:
+            n += 1
+            target = base.with_name(f"{base.name}-{n}")
+    try:
+        os.replace(folder, target)
+    except OSError as exc:
+        target.rmdir()
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copytree(folder, target)  # another file system: copy (links followed), then drop
+        shutil.rmtree(folder)
+    # A symlink into the DVC cache (cache.type symlink) would dangle after `dvc gc`: keep copies.
+    for link in [p for p in target.rglob("*") if p.is_symlink() and p.is_file()]:
+        unshare(link)
+    return target

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +16,83 @@ from pydantic import BaseModel
 
 from fedcxr.config import ConfigError, Params, load_params
 
+FILE_MODE = 0o644  # what a new output file gets (mkstemp alone would give 0o600)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or a new file in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary file beside `path` to write the new content to; renamed over `path`.
+
+    On leaving the block the temporary file is fsynced and renamed over `path` (os.replace),
+    then the folder is fsynced; on an error it is removed and `path` is left as it was. The
+    new content is always a new file (a new inode): a hard link or symlink into the DVC cache
+    that `path` may be after `dvc checkout` is replaced, never written through, and a reader
+    sees the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) atomically (see atomic_path)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def unshare(path: str | Path) -> bool:
+    """Make `path` a file of its own before it is changed in place (appended to).
+
+    A symlink, or a file with other hard links -- a DVC cache object after `dvc checkout` with
+    cache.type hardlink or symlink -- is replaced by a private copy (atomic_path), so an append
+    reaches this file only. True when a copy was made; a missing path is left alone.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is a symlink to a missing file ({os.readlink(path)})")
+    elif not path.exists() or path.stat().st_nlink <= 1:
+        return False
+    with atomic_path(path) as tmp:
+        shutil.copyfile(path, tmp)
+    return True
+
 
 def write_json(path: str | Path, data: Any) -> None:
     """Sorted keys, fixed indentation, trailing newline, atomic replace: same data, same bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def run_stage(name: str, body: Callable[[Params], None], params_path: str = "params.yaml") -> None:

@@ -509,6 +509,21 @@ class FederationState:
                 self._cond.wait(timeout=left)
             return True
 
+    @property
+    def round_open(self) -> bool:
+        """Whether a round is in progress (False while sites are still joining, and at the end)."""
+        with self._cond:
+            return self._round_open
+
+    def silent_sites(self) -> list[str]:
+        """Sites the federation is waiting for: not joined yet, or no outcome in the open round."""
+        with self._cond:
+            if self.finished or self.halted:
+                return []
+            if not self._round_open:
+                return sorted(set(self.sites) - set(self.joined))
+            return sorted(set(self.sites) - set(self._outcomes))
+
     def describe(self) -> str:
         with self._cond:
             missing = sorted(set(self.sites) - set(self.joined))

@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from opacus.accountants import RDPAccountant
@@ -22,10 +23,10 @@ from fedcxr.audit import AuditLog, verify
 from fedcxr.config import Params
 from fedcxr.federation.aggregator import FederationError, FederationState, run_aggregator, serve
 from fedcxr.federation.site import run_site
-from fedcxr.models import build_model, num_classes_for
+from fedcxr.models import MODELS, build_model, num_classes_for
 from fedcxr.pki import CA_CERT, TlsBundle, ensure_federation, load_bundle, verify_chain
 from fedcxr.sitedata import IMAGES, INDEX, SiteData
-from fedcxr.stageio import write_json
+from fedcxr.stageio import atomic_path, unshare, write_json, write_text_atomic
 from fedcxr.strategies import get_strategy
 from fedcxr.train.data import XrayDataset, make_loader
 from fedcxr.train.loop import (
@@ -58,6 +59,9 @@ RESUMABLE_CHANGES = frozenset(
     {"fl.rounds", "fl.host", "fl.port", "fl.round_timeout_s", "train.num_workers"}
 )
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+# Site processes get at least this long to start (import torch, open their data) and join:
+# start-up time says nothing about a round, so it is not held to fl.round_timeout_s.
+JOIN_TIMEOUT_S = 600.0
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -67,6 +71,24 @@ class PrivacyBudgetExhausted(RuntimeError):
 def site_seed(params: Params, site: str) -> int:
     """params.seed plus a stable per-site offset (CRC-32 of the site name), so sites differ."""
     return params.seed + zlib.crc32(site.encode()) % SITE_SEED_MODULUS
+
+
+def round_seed(seed: int, rnd: int) -> int:
+    """The seed of one site's round `rnd` (a site seed mixed with the round by SeedSequence)."""
+    if rnd < 1:
+        raise ValueError(f"rounds count from 1, found round {rnd}")
+    return int(np.random.SeedSequence([seed % 2**63, rnd]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def check_names(params: Params) -> None:
+    """Every registry name the federation resolves exists (model.arch, fl.strategy): call it
+    before touching any output, so a typo never costs a run."""
+    if params.model.arch not in MODELS:
+        raise ValueError(
+            f"unknown model.arch {params.model.arch!r}; expected one of the registered models "
+            f"{sorted(MODELS)}"
+        )
+    get_strategy(params.fl.strategy)
 
 
 def round_config(params: Params) -> dict[str, Any]:
@@ -83,8 +105,20 @@ class SiteTrainer:
 
     Holds the site's data, model, optimizer and (with dp.enabled) ONE Opacus PrivacyEngine for
     the whole run, its noise calibrated for fl.rounds x fl.local_epochs epochs, so epsilon
-    composes across rounds. With `state_dir`, the accountant's history is saved there after
-    every round and restored on start, so a restarted site keeps counting.
+    composes across rounds.
+
+    Each round is a function of (site seed, round, global weights) only: it starts with fresh
+    Adam moments, the torch/numpy/python RNGs and the loader's sampling generator reseeded from
+    round_seed(site seed, round), and augmentation epochs numbered from (round - 1) x
+    fl.local_epochs. A site process restarted between rounds (a resumed federation) therefore
+    trains exactly what the uninterrupted one would have, bit for bit.
+
+    DP accounting: the accountant's history after every round is kept per round (and, with
+    `state_dir`, saved there before the update is sent), and round r starts from the history
+    after round r - 1. A round trained again after a kill repeats the same computation (same
+    weights, same seeds, same noise), so its update is the one already released and counting
+    it once is exact. If the noise or sample rate changed since that attempt (fl.rounds raised
+    under dp.target_epsilon), the attempt's spending is kept as well (conservative).
 
     Budget policy: with dp.target_epsilon set, a round whose projected epsilon would exceed
     it raises PrivacyBudgetExhausted before any training (the site process then exits non-zero
@@ -105,6 +139,7 @@ class SiteTrainer:
         self.name = self.folder.name
         self.params = params
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._spent: dict[int, list[tuple[float, float, int]]] = {}  # round -> history after it
         self.prox_mu = params.fl.fedprox_mu if get_strategy(params.fl.strategy).proximal else 0.0
         self.device = device or pick_device(threads_per_process(n_sites))
         self.seed = site_seed(params, self.name)
@@ -147,21 +182,53 @@ class SiteTrainer:
             return
         try:
             saved = json.loads(path.read_text())
-            history = [(float(nm), float(sr), int(n)) for nm, sr, n in saved["history"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a saved accountant history ({exc})") from None
-        self.engine.accountant.history = history
-        log.info("%s: restored DP accountant (%d entries) from %s", self.name, len(history), path)
+            if "by_round" not in saved and "history" in saved:  # the one-history format
+                saved["by_round"] = {str(saved["round"]): saved["history"]}
+            spent = {
+                int(rnd): [(float(nm), float(sr), int(n)) for nm, sr, n in history]
+                for rnd, history in saved["by_round"].items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f"{path}: not a saved accountant history ({exc}); expected "
+                '{"site": ..., "by_round": {"<round>": [[noise, sample_rate, steps], ...]}}'
+            ) from None
+        self._spent = spent
+        log.info("%s: restored DP accountant (rounds %s) from %s", self.name, sorted(spent), path)
 
     def _save_accountant(self, rnd: int) -> None:
-        path = self._accountant_path()
-        if self.engine is None or path is None:
+        if self.engine is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        history = [list(h) for h in self.engine.accountant.history]
-        tmp.write_text(json.dumps({"round": rnd, "site": self.name, "history": history}))
-        tmp.replace(path)
+        history = self.engine.accountant.history
+        self._spent[rnd] = [(float(nm), float(sr), int(n)) for nm, sr, n in history]
+        path = self._accountant_path()
+        if path is None:
+            return
+        by_round = {str(r): [list(h) for h in hist] for r, hist in sorted(self._spent.items())}
+        write_json(path, {"site": self.name, "by_round": by_round})
+
+    def _history_before(self, rnd: int) -> list[tuple[float, float, int]]:
+        """The accountant's history that round `rnd` starts from (see the class docstring)."""
+        if rnd == 1:
+            base: list[tuple[float, float, int]] = []
+        elif rnd - 1 in self._spent:
+            base = list(self._spent[rnd - 1])
+        else:
+            raise ValueError(
+                f"{self.name}: asked to train round {rnd} but holds no DP accountant history "
+                f"for round {rnd - 1} (looked in {self._accountant_path() or 'memory only'}); "
+                "the privacy spent so far is unknown, so this site will not train. Give the "
+                "site its --state folder of the earlier rounds"
+            )
+        attempt = self._spent.get(rnd)
+        if attempt and attempt[-1][:2] != (self.noise_multiplier, self.sample_rate):
+            log.warning(
+                "%s: round %d was trained before with other noise/sample rate: counted too",
+                self.name,
+                rnd,
+            )
+            base = list(attempt)
+        return base
 
     @property
     def sample_rate(self) -> float:
@@ -185,6 +252,20 @@ class SiteTrainer:
 
     # ------------------------------------------------------------------ one round
 
+    def _start_round(self, rnd: int) -> None:
+        """Make round `rnd` a function of (site seed, round, global weights) alone."""
+        seed = round_seed(self.seed, rnd)
+        seed_everything(seed)  # python, numpy, torch (DP noise and Poisson sampling use it)
+        loader = self.train_loader
+        for holder in (loader, loader.sampler, loader.batch_sampler):
+            generator = getattr(holder, "generator", None)
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(seed)  # shuffling / Poisson sampling of this round
+        self.setup.optimizer.state.clear()  # fresh Adam moments, as a restarted site has
+        self.setup.epochs_done = (rnd - 1) * self.params.fl.local_epochs
+        if self.engine is not None:
+            self.engine.accountant.history = self._history_before(rnd)
+
     def _check_config(self, config: dict[str, Any], rnd: int) -> None:
         mine = {"strategy": get_strategy(self.params.fl.strategy).name, **round_config(self.params)}
         wrong = {k: (config[k], v) for k, v in mine.items() if k in config and config[k] != v}
@@ -200,6 +281,7 @@ class SiteTrainer:
     ) -> tuple[State, int, dict[str, Any]]:
         """Train fl.local_epochs epochs from the global weights; (state, n_k, metrics)."""
         self._check_config(config, rnd)
+        self._start_round(rnd)
         target = self.params.dp.target_epsilon
         if self.engine is not None and target is not None:
             projected = self.projected_epsilon()
@@ -320,9 +402,10 @@ def _write_params(params: Params, out_dir: Path, resuming: bool) -> Path:
         if changed:
             raise FederationError(
                 f"{out_dir / CHECKPOINT} was trained with other params ({', '.join(changed)} "
-                f"changed since {path}); remove {out_dir} to start a new federation"
+                f"changed since {path}); to start a new federation, move {out_dir} aside (the "
+                "training stage moves it to runs-archive/ itself)"
             )
-    path.write_text(yaml.safe_dump(new, sort_keys=True))
+    write_text_atomic(path, yaml.safe_dump(new, sort_keys=True))
     return path
 
 
@@ -336,7 +419,7 @@ def prepare_federation(
     hosts: tuple[str, ...] = (),
 ) -> tuple[FederationState, Path]:
     """PKI, resolved params, initial model, audit log and FederationState; (state, params file)."""
-    get_strategy(params.fl.strategy)
+    check_names(params)
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_federation(pki_dir, sites, SERVER_CN, hosts=hosts)
     checkpoint = out_dir / CHECKPOINT
@@ -347,6 +430,8 @@ def prepare_federation(
             "federation, or remove it to start a new one"
         )
     params_file = _write_params(params, out_dir, resuming)
+    for stale in out_dir.rglob(".*.tmp"):  # atomic writes cut short by a kill (stageio)
+        stale.unlink()
     if not resuming:  # a new federation: site accountants start from zero
         shutil.rmtree(out_dir / "sites", ignore_errors=True)
     seed_everything(params.seed)
@@ -396,7 +481,8 @@ def summarize(state: FederationState, out_dir: Path, wall_s: float) -> dict[str,
     """Write model.safetensors and history.json; the run's summary (per round and per site)."""
     final = state.global_state()
     state.close()
-    write_state_file(out_dir / MODEL, final)
+    with atomic_path(out_dir / MODEL) as tmp:
+        write_state_file(tmp, final)
     history = state.history
     write_json(out_dir / HISTORY, history)
     per_round = []
@@ -463,13 +549,18 @@ def run_federation(
     resume: bool,
     poll_s: float = 2.0,
     grace_s: float = 5.0,
+    join_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Aggregator in this process, one `fedcxr site run` process per site folder; the summary.
 
     Each site process is handed only its own folder, certificate and key. Site logs go to
-    out_dir/logs/<site>.log; a site that exits early, or a round that runs past
-    fl.round_timeout_s, stops the federation (all site processes killed) with a FederationError.
+    out_dir/logs/<site>.log (appended across resumes). A site that exits early, a round that
+    runs past fl.round_timeout_s from its start, or sites that have not joined within
+    `join_timeout_s` (default: max(fl.round_timeout_s, JOIN_TIMEOUT_S)) stop the federation
+    (all site processes killed) with a FederationError naming the round and the silent sites.
     """
+    if join_timeout_s is None:
+        join_timeout_s = max(float(params.fl.round_timeout_s), JOIN_TIMEOUT_S)
     started = time.monotonic()
     sites = find_sites(sites_dir)
     state, params_file = prepare_federation(
@@ -498,9 +589,12 @@ def run_federation(
                 "--n-sites", str(len(sites)),
                 "--state", str(out_dir / "sites" / site),
             ]  # fmt: skip
-            with logs[site].open("wb") as fh:
+            unshare(logs[site])  # appended across resumes; never written through a link
+            with logs[site].open("ab") as fh:
+                fh.write(f"--- site process started for round {state.round}\n".encode())
+                fh.flush()
                 procs[site] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        seen, since = state.round, time.monotonic()
+        seen, since = (state.round, state.round_open), time.monotonic()
         while not state.wait(timeout=0.5):
             for site, proc in procs.items():
                 if proc.poll() is not None:
@@ -509,12 +603,22 @@ def run_federation(
                         f"{state.round} ({state.describe()}); end of {logs[site]}:\n"
                         f"{_tail(logs[site])}"
                     )
-            if state.round != seen:
-                seen, since = state.round, time.monotonic()
-            elif time.monotonic() - since > params.fl.round_timeout_s:
+            phase = (state.round, state.round_open)  # a new round, or the sites all joined
+            if phase != seen:
+                seen, since = phase, time.monotonic()
+                continue
+            waited = time.monotonic() - since
+            silent = ", ".join(state.silent_sites()) or "none"
+            if state.round_open and waited > params.fl.round_timeout_s:
                 raise FederationError(
                     f"round {state.round} ran past fl.round_timeout_s="
-                    f"{params.fl.round_timeout_s} s: {state.describe()}"
+                    f"{params.fl.round_timeout_s} s without an update from {silent} "
+                    f"({state.describe()}); site logs in {out_dir / 'logs'}"
+                )
+            if not state.round_open and waited > join_timeout_s:
+                raise FederationError(
+                    f"round {state.round} could not start: {silent} did not join within "
+                    f"{join_timeout_s:g} s ({state.describe()}); site logs in {out_dir / 'logs'}"
                 )
         for site, proc in procs.items():
             try:
