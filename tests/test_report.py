@@ -277,3 +277,15 @@ def test_every_registered_arch_has_a_gradcam_target_layer(arch):
 def test_unknown_arch_for_gradcam_names_the_registry():
     with pytest.raises(ValueError, match="smallcnn"):
         target_layer(build_model("smallcnn", 1), "vgg16")
+
+
+def test_scaled_set_sizes_are_stated(tmp_path):
+    shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
+    paths = ReportPaths().under(tmp_path)
+    partition = json.loads(paths.partition.read_text())
+    note = "sizes scaled in proportion (partition.fit auto): configured sum 112,120 -> 2,000"
+    partition.update(exact_sizes=False, sizes={"note": note, "scaled": True})
+    paths.partition.write_text(json.dumps(partition))
+    result = render_report(paths, tmp_path / "r.md", tmp_path / "r.html", context=CONTEXT)
+    md = result.markdown.read_text()
+    assert f"Set sizes: {note} (not the configured counts)" in md

@@ -112,6 +112,10 @@ def _summary(doc: _Doc, data: ReportData, context: RunContext) -> None:
             f"{len(sites)} sites and a held-out test set of "
             f"{fmt.count(test.get('images'))} images"
         )
+        sizes = partition.get("sizes") or {}
+        if sizes.get("note"):
+            exact = "met exactly" if partition.get("exact_sizes") else "not the configured counts"
+            items.append(f"Set sizes: {sizes['note']} ({exact})")
     for task in data.tasks():
         items.append(
             f"Task {task_label(task)}: {tables.test_set_size(configs, task)}; "
