@@ -176,7 +176,7 @@ def test_invalid_spec() -> None:
 
 
 def test_nih_boxes_used_without_spec_boxes() -> None:
-    from fedcxr.synth import render as mod
+    from fedcxr.synth import lesions as mod
 
     boxes = mod._nih_boxes()
     assert {"Nodule", "Mass", "Infiltration", "Pneumothorax"} <= set(boxes)
