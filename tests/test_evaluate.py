@@ -1,4 +1,4 @@
-"""Tests for fedcxr.evaluation.evaluate: test-set metrics, CIs, comparisons and the stage."""
+"""Tests for fedcxr.evaluation (evaluate, compare, bootstrap): metrics, CIs, comparisons, stage."""
 
 from __future__ import annotations
 
@@ -17,6 +17,20 @@ from scipy.stats import ttest_rel
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedcxr.evaluation import evaluate as ev
+from fedcxr.evaluation.bootstrap import (
+    bootstrap_p,
+    percentile_ci,
+    replicate_metrics,
+    replicate_weights,
+    weighted_auroc,
+)
+from fedcxr.evaluation.compare import (
+    REPORTED,
+    SeedRun,
+    compare_configs,
+    comparison_pairs,
+    evaluate_config,
+)
 from fedcxr.evaluation.stats import (
     auroc,
     binary_metrics,
@@ -149,7 +163,7 @@ def test_metrics_have_the_contract_keys(result: ev.Evaluation) -> None:
         if config == "comparisons":
             continue
         for task, m in per_task.items():
-            expected = {f"{k}{s}" for k in ev.REPORTED for s in suffixes}
+            expected = {f"{k}{s}" for k in REPORTED for s in suffixes}
             expected |= {"auroc", "n_seeds", "n_test_images", "n_test_patients"}
             assert set(m) == expected, (config, task)
             assert m["n_test_images"] == N_TEST and m["n_test_patients"] == 14
@@ -157,7 +171,7 @@ def test_metrics_have_the_contract_keys(result: ev.Evaluation) -> None:
             assert list(m["auroc"]) == (list(FINDINGS) if task == "multilabel" else ["Pneumonia"])
             assert m["sensitivity_pneumonia"] is not None
             # the values: test_reported_metrics_and_cis_equal_a_direct_computation
-            assert all(m[k] is not None for k in ev.REPORTED), (config, task)
+            assert all(m[k] is not None for k in REPORTED), (config, task)
     assert metrics["federated"]["multilabel"]["auroc"]["Hernia"] is None  # one class in test
     assert metrics["federated"]["pneumonia"]["auroc_macro_std"] == 0.0  # one seed
     comps = metrics["comparisons"]
@@ -229,7 +243,7 @@ def _youden_by_hand(y: np.ndarray, p: np.ndarray) -> float:
 
 def _macro_by_hand(Y: np.ndarray, P: np.ndarray, T: np.ndarray) -> dict[str, float]:
     """Every REPORTED value for one seed on the rows given; NaN where undefined."""
-    values: dict[str, list[float]] = {k: [] for k in ev.REPORTED[:6]}
+    values: dict[str, list[float]] = {k: [] for k in REPORTED[:6]}
     for j in range(Y.shape[1]):
         y, p = Y[:, j], P[:, j]
         if len(np.unique(y)) < 2:
@@ -288,15 +302,13 @@ def _reference(world: Path, config: str, task: str) -> dict:
     return {
         "Y": Y,
         "runs": runs,
-        "point": {k: np.mean([v[k] for v in per_seed]) for k in ev.REPORTED},
+        "point": {k: np.mean([v[k] for v in per_seed]) for k in REPORTED},
         "std": {
-            k: np.std([v[k] for v in per_seed], ddof=1) if len(runs) > 1 else 0.0
-            for k in ev.REPORTED
+            k: np.std([v[k] for v in per_seed], ddof=1) if len(runs) > 1 else 0.0 for k in REPORTED
         },
         "seed_auroc": [v["auroc_macro"] for v in per_seed],
         "boot": {
-            k: np.mean([[r[k] for r in seed_reps] for seed_reps in boot], axis=0)
-            for k in ev.REPORTED
+            k: np.mean([[r[k] for r in seed_reps] for seed_reps in boot], axis=0) for k in REPORTED
         },
     }
 
@@ -323,7 +335,7 @@ def test_reported_metrics_and_cis_equal_a_direct_computation(
     thresholds = result.thresholds[config][task]
     for seed, (_, T) in zip(sorted(thresholds), ref["runs"], strict=True):
         np.testing.assert_allclose(thresholds[seed], T, rtol=0, atol=1e-12)  # validation only
-    for key in ev.REPORTED:
+    for key in REPORTED:
         assert m[key] == pytest.approx(ref["point"][key], abs=1e-12), key
         assert m[f"{key}_std"] == pytest.approx(ref["std"][key], abs=1e-12), key
         lo, hi = _ci_by_hand(ref["boot"][key])
@@ -460,20 +472,20 @@ def test_weighted_auroc_is_sklearns_auroc_of_the_repeated_rows() -> None:
     Y, P, _ = _toy()
     y, p = Y[:, 0], P[:, 0]
     w = np.random.default_rng(1).integers(0, 4, (5, y.size)).astype(float)
-    got = ev.weighted_auroc(y, p, np.vstack([np.ones(y.size), w]))
+    got = weighted_auroc(y, p, np.vstack([np.ones(y.size), w]))
     assert got[0] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     for i in range(5):
         rows = np.repeat(np.arange(y.size), w[i].astype(int))
         assert got[i + 1] == pytest.approx(roc_auc_score(y[rows], p[rows]), abs=1e-12)
-    assert np.isnan(ev.weighted_auroc(np.zeros(4), np.arange(4.0), np.ones((1, 4))))[0]
+    assert np.isnan(weighted_auroc(np.zeros(4), np.arange(4.0), np.ones((1, 4))))[0]
 
 
 def test_replicate_metrics_equal_multilabel_metrics_on_the_resampled_rows() -> None:
     Y, P, groups = _toy(labels=14)
     Y[:, 7] = 0  # a label with one class stays out of the macro means
     t = np.linspace(0.3, 0.7, 14)
-    weights = next(ev.replicate_weights(groups, 4, seed=3))
-    reps = ev.replicate_metrics(Y, P, t, weights, pneumonia=PNEU)
+    weights = next(replicate_weights(groups, 4, seed=3))
+    reps = replicate_metrics(Y, P, t, weights, pneumonia=PNEU)
     for i in range(4):
         rows = np.repeat(np.arange(len(Y)), weights[i].astype(int))
         want = multilabel_metrics(Y[rows], P[rows], t)["macro"]
@@ -488,7 +500,7 @@ def test_replicate_metrics_equal_multilabel_metrics_on_the_resampled_rows() -> N
 def test_single_seed_cis_are_stats_bootstrap_ci() -> None:
     Y, P, groups = _toy(n=90, labels=1)
     t = np.array([0.5])
-    res = ev.evaluate_config(Y, groups, [ev.SeedRun(0, P, t)], ["Pneumonia"], n_boot=100, seed=7)
+    res = evaluate_config(Y, groups, [SeedRun(0, P, t)], ["Pneumonia"], n_boot=100, seed=7)
     m = res.metrics
     assert m["auroc_macro"] == pytest.approx(roc_auc_score(Y[:, 0], P[:, 0]), abs=1e-12)
     lo, hi = bootstrap_ci(auroc, Y[:, 0], P[:, 0], groups, n_boot=100, seed=7)
@@ -509,8 +521,8 @@ def test_several_seeds_average_point_estimates_and_spread() -> None:
     rng = np.random.default_rng(5)
     P2 = np.clip(P + rng.normal(0, 0.2, P.shape), 0, 1)
     t = np.full(14, 0.5)
-    runs = [ev.SeedRun(2, P2, t), ev.SeedRun(1, P, t)]
-    res = ev.evaluate_config(Y, groups, runs, list(FINDINGS), n_boot=50, seed=0)
+    runs = [SeedRun(2, P2, t), SeedRun(1, P, t)]
+    res = evaluate_config(Y, groups, runs, list(FINDINGS), n_boot=50, seed=0)
     per_seed = []
     for probs in (P, P2):
         per_seed.append(np.mean([roc_auc_score(Y[:, j], probs[:, j]) for j in range(14) if j != 7]))
@@ -527,30 +539,30 @@ def test_several_seeds_average_point_estimates_and_spread() -> None:
 def test_comparing_a_configuration_with_itself_and_with_another() -> None:
     Y, P, groups = _toy(n=90, labels=1)
     t = np.array([0.5])
-    a = ev.evaluate_config(Y, groups, [ev.SeedRun(0, P, t)], ["Pneumonia"], n_boot=100)
-    same = ev.compare_configs(a, a, Y, ["Pneumonia"])
+    a = evaluate_config(Y, groups, [SeedRun(0, P, t)], ["Pneumonia"], n_boot=100)
+    same = compare_configs(a, a, Y, ["Pneumonia"])
     assert same["auroc_diff"] == 0.0 and same["bootstrap_p"] == 1.0
     assert (same["auroc_diff_lo"], same["auroc_diff_hi"]) == (0.0, 0.0)
     noisy = np.clip(P + np.random.default_rng(2).normal(0, 0.3, P.shape), 0, 1)
-    b = ev.evaluate_config(Y, groups, [ev.SeedRun(0, noisy, t)], ["Pneumonia"], n_boot=100)
-    comp = ev.compare_configs(a, b, Y, ["Pneumonia"])
+    b = evaluate_config(Y, groups, [SeedRun(0, noisy, t)], ["Pneumonia"], n_boot=100)
+    comp = compare_configs(a, b, Y, ["Pneumonia"])
     want = delong_test(Y[:, 0], P[:, 0], noisy[:, 0])
     assert comp["auroc_diff"] == pytest.approx(want.diff, abs=1e-12)
     assert comp["delong_z"] == pytest.approx(want.z) and comp["delong_p"] == want.p_value
-    other = ev.evaluate_config(Y, groups, [ev.SeedRun(0, P, t)], ["Pneumonia"], n_boot=10)
+    other = evaluate_config(Y, groups, [SeedRun(0, P, t)], ["Pneumonia"], n_boot=10)
     with pytest.raises(ValueError, match="same replicates"):
-        ev.compare_configs(a, other, Y, ["Pneumonia"])
+        compare_configs(a, other, Y, ["Pneumonia"])
 
 
 def test_comparison_pairs_follow_the_study() -> None:
     configs = ["local_site-b", "centralized", "federated_dp", "local_site-a", "federated"]
-    assert ev.comparison_pairs(configs) == [
+    assert comparison_pairs(configs) == [
         ("federated", "centralized"),
         ("federated", "local_site-a"),
         ("federated", "local_site-b"),
         ("federated_dp", "federated"),
     ]
-    assert ev.comparison_pairs(["single_node", "centralized"]) == []
+    assert comparison_pairs(["single_node", "centralized"]) == []
 
 
 def test_roc_points_are_sklearns_and_thinned() -> None:
@@ -565,9 +577,9 @@ def test_roc_points_are_sklearns_and_thinned() -> None:
 
 
 def test_bootstrap_p_and_percentile_ci_edge_cases() -> None:
-    assert ev.bootstrap_p(np.full(99, 0.1)) == pytest.approx(2 / 100)
-    assert ev.bootstrap_p(np.array([np.nan])) is None
-    assert ev.percentile_ci(np.array([np.nan, np.nan, 1.0])) == (None, None)
+    assert bootstrap_p(np.full(99, 0.1)) == pytest.approx(2 / 100)
+    assert bootstrap_p(np.array([np.nan])) is None
+    assert percentile_ci(np.array([np.nan, np.nan, 1.0])) == (None, None)
     assert ev.strict_json({"a": [np.float64("nan"), np.int64(3)], "b": float("inf")}) == {
         "a": [None, 3],
         "b": None,
@@ -597,7 +609,7 @@ def test_no_runs_is_a_clear_error(tmp_path: Path) -> None:
 def test_no_pneumonia_positive_in_test_gives_null_sensitivity() -> None:
     Y, P, groups = _toy(labels=14)
     Y[:, PNEU] = 0
-    runs = [ev.SeedRun(0, P, np.full(14, 0.5))]
-    m = ev.evaluate_config(Y, groups, runs, list(FINDINGS), n_boot=20).metrics
+    runs = [SeedRun(0, P, np.full(14, 0.5))]
+    m = evaluate_config(Y, groups, runs, list(FINDINGS), n_boot=20).metrics
     assert m["sensitivity_pneumonia"] is None and m["sensitivity_pneumonia_lo"] is None
     assert m["specificity_pneumonia"] is not None and m["auroc"]["Pneumonia"] is None

@@ -200,7 +200,7 @@ def multilabel_metrics(
 # ---------------------------------------------------------------------------
 
 
-def _group_index(groups: ArrayLike, n: int) -> tuple[IntArray, IntArray, IntArray]:
+def group_index(groups: ArrayLike, n: int) -> tuple[IntArray, IntArray, IntArray]:
     """(rows ordered by group, first position of each group in that order, rows per group)."""
     g = np.asarray(groups)
     if g.shape[:1] != (n,) or g.ndim != 1:
@@ -212,7 +212,7 @@ def _group_index(groups: ArrayLike, n: int) -> tuple[IntArray, IntArray, IntArra
     return order, starts, counts
 
 
-def _resample_rows(
+def resample_rows(
     rng: np.random.Generator, order: IntArray, starts: IntArray, counts: IntArray
 ) -> IntArray:
     """Row indices of one replicate: draw groups with replacement, take all rows of each."""
@@ -251,13 +251,13 @@ def bootstrap_ci(
         raise ValueError(f"n_boot must be >= 1, found {n_boot}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), found {alpha}")
-    order, starts, counts = _group_index(groups, y.shape[0])
+    order, starts, counts = group_index(groups, y.shape[0])
     if counts.size == 0:
         raise ValueError("bootstrap_ci needs at least one row, found 0")
     rng = np.random.default_rng(seed)
     values: list[float] = []
     for _ in range(n_boot):
-        rows = _resample_rows(rng, order, starts, counts)
+        rows = resample_rows(rng, order, starts, counts)
         value = stat(y[rows], p[rows])
         if value is not None and math.isfinite(value):
             values.append(float(value))
