@@ -23,14 +23,16 @@ from pathlib import Path
 import grpc
 import torch
 
-from fedcxr.audit import AuditLog
-from fedcxr.federation.aggregator import FederationState, serve, server_credentials
-from fedcxr.federation.site import channel_credentials, run_site
+from fedcxr.federation.audit import AuditLog
+from fedcxr.federation.pki import ensure_federation, load_bundle
+from fedcxr.federation.proto import fedcxr_pb2 as pb
+from fedcxr.federation.proto import fedcxr_pb2_grpc as pb_grpc
+from fedcxr.federation.protocol import channel_credentials, server_credentials
+from fedcxr.federation.server import serve
+from fedcxr.federation.site import run_site
+from fedcxr.federation.state import FederationState
+from fedcxr.federation.transport import from_chunks, state_to_bytes, to_chunks
 from fedcxr.models import build_model
-from fedcxr.pki import ensure_federation, load_bundle
-from fedcxr.proto import fedcxr_pb2 as pb
-from fedcxr.proto import fedcxr_pb2_grpc as pb_grpc
-from fedcxr.transport import from_chunks, state_to_bytes, to_chunks
 
 MB = 1e6
 

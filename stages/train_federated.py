@@ -19,7 +19,6 @@ from dvclive import Live
 from fedcxr.checkpoint import load_checkpoint
 from fedcxr.config import Params
 from fedcxr.federation.runner import (
-    AUDIT,
     CHECKPOINT,
     PARAMS,
     changed_training_keys,
@@ -27,6 +26,7 @@ from fedcxr.federation.runner import (
     find_sites,
     run_federation,
 )
+from fedcxr.federation.summary import AUDIT
 from fedcxr.runs import ARCHIVE, CARD, RunCard, run_dir, set_aside
 from fedcxr.stageio import run_stage, write_json
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcxr.audit import AuditLog, verify
 from fedcxr.checkpoint import load_checkpoint, save_checkpoint
+from fedcxr.federation.audit import AuditLog, verify
 from fedcxr.runs import RunCard, archive_name, read_run, set_aside, write_run
 from fedcxr.stageio import atomic_path, unshare, write_json, write_text_atomic
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedcxr import audit
-from fedcxr.audit import GENESIS, AuditError, AuditLog, canonical, verify
 from fedcxr.cli import app
+from fedcxr.federation import audit
+from fedcxr.federation.audit import GENESIS, AuditError, AuditLog, canonical, verify
 
 
 def _clock() -> Callable[[], dt.datetime]:

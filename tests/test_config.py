@@ -71,9 +71,9 @@ def test_load_params_reports_missing_file_and_non_mapping(tmp_path):
 
 def test_every_registry_holds_exactly_the_names_params_are_checked_against():
     from fedcxr.evaluation.stats import THRESHOLD_RULES
+    from fedcxr.federation.strategies import STRATEGIES
     from fedcxr.models import MODELS, NUM_CLASSES
     from fedcxr.partition import PARTITIONERS
-    from fedcxr.strategies import STRATEGIES
     from fedcxr.train.data import TASKS
 
     live = {"model.arch": MODELS, "fl.strategy": STRATEGIES, "partition.strategy": PARTITIONERS}

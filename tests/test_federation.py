@@ -13,12 +13,12 @@ import grpc
 import pytest
 import torch
 
-from fedcxr import audit as ev
-from fedcxr.audit import AuditLog, verify
 from fedcxr.checkpoint import load_checkpoint
 from fedcxr.federation import FederationError, FederationState, run_aggregator, run_site, serve
-from fedcxr.pki import TlsBundle, ensure_federation, load_bundle
-from fedcxr.transport import state_to_bytes
+from fedcxr.federation import audit as ev
+from fedcxr.federation.audit import AuditLog, verify
+from fedcxr.federation.pki import TlsBundle, ensure_federation, load_bundle
+from fedcxr.federation.transport import state_to_bytes
 
 SITES = ("site-a", "site-b", "site-c")
 OFFSET = {"site-a": 1.0, "site-b": 2.0, "site-c": 4.0}

@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
 from fedcxr.cli import app
-from fedcxr.pki import (
+from fedcxr.federation.pki import (
     PkiError,
     common_name,
     describe,

@@ -28,18 +28,17 @@ from fedsites import (
 )
 from opacus.accountants import RDPAccountant
 
-from fedcxr.audit import verify
 from fedcxr.checkpoint import load_checkpoint
 from fedcxr.config import load_params
 from fedcxr.federation import FederationError
+from fedcxr.federation.audit import verify
 from fedcxr.federation.runner import (
-    AUDIT,
     CHECKPOINT,
-    MODEL,
     PARAMS,
     changed_training_keys,
     prepare_federation,
 )
+from fedcxr.federation.summary import AUDIT, MODEL
 
 pytestmark = pytest.mark.slow  # each federation here is ~30 s of site processes on 2 cores
 

@@ -24,16 +24,13 @@ from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from fedcxr.audit import verify
 from fedcxr.cli import app
 from fedcxr.config import Params, load_params
 from fedcxr.federation import FederationError, runner
-from fedcxr.federation.runner import (
-    PrivacyBudgetExhausted,
-    SiteTrainer,
-    round_config,
-    run_federation,
-)
+from fedcxr.federation.audit import verify
+from fedcxr.federation.protocol import round_config
+from fedcxr.federation.runner import run_federation
+from fedcxr.federation.site_trainer import PrivacyBudgetExhausted, SiteTrainer
 from fedcxr.labels import FINDINGS
 from fedcxr.models import build_model, num_classes_for
 from fedcxr.train.data import to_input

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedcxr.strategies import SiteUpdate, check_update, get_strategy, weighted_average
+from fedcxr.federation.strategies import SiteUpdate, check_update, get_strategy, weighted_average
 
 
 def test_fedavg_equals_hand_computed_weighted_mean():

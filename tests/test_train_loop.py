@@ -360,11 +360,11 @@ def test_full_fp32_turns_tf32_off_on_cuda_and_restores_it():
 
 def test_every_metric_path_predicts_through_the_fp32_predict():
     from fedcxr.evaluation import evaluate
-    from fedcxr.federation import runner
+    from fedcxr.federation import site_trainer
 
     # evaluation (test metrics and validation thresholds) and the sites' validation AUROC
     assert evaluate.predict is loop.predict
-    assert runner.predict is loop.predict
+    assert site_trainer.predict is loop.predict
 
 
 # --- evaluation, threads, config ------------------------------------------------------------

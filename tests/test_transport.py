@@ -10,9 +10,9 @@ import grpc
 import pytest
 import torch
 
-from fedcxr.proto import fedcxr_pb2 as pb
-from fedcxr.proto import fedcxr_pb2_grpc as pb_grpc
-from fedcxr.transport import (
+from fedcxr.federation.proto import fedcxr_pb2 as pb
+from fedcxr.federation.proto import fedcxr_pb2_grpc as pb_grpc
+from fedcxr.federation.transport import (
     LazyState,
     TransferError,
     bytes_to_state,
@@ -124,7 +124,9 @@ def test_generated_stubs_match_the_proto(tmp_path):
     subprocess.run(["bash", "scripts/gen_proto.sh", str(tmp_path)], cwd=REPO, check=True, env=env)
     for name in ("fedcxr_pb2.py", "fedcxr_pb2.pyi", "fedcxr_pb2_grpc.py"):
         assert filecmp.cmp(
-            tmp_path / "fedcxr/proto" / name, REPO / "src/fedcxr/proto" / name, shallow=False
+            tmp_path / "fedcxr/federation/proto" / name,
+            REPO / "src/fedcxr/federation/proto" / name,
+            shallow=False,
         ), f"{name} is stale: run scripts/gen_proto.sh"
 
 

@@ -11,8 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from fedcxr.federation.transport import write_state_file
 from fedcxr.stageio import atomic_path
-from fedcxr.transport import write_state_file
 
 META_KEY = "fedcxr"
 

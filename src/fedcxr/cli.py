@@ -210,7 +210,7 @@ def pki_init(
     ] = False,
 ) -> None:
     """Create the federation CA: ca.pem (certificate) and ca.key (private key, mode 0600)."""
-    from fedcxr.pki import PkiError, fingerprint, init_ca
+    from fedcxr.federation.pki import PkiError, fingerprint, init_ca
 
     try:
         files = init_ca(folder, name, days, force=force)
@@ -245,7 +245,7 @@ def pki_issue(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Issue a certificate and key signed by the CA in --dir: <name>.pem and <name>.key (0600)."""
-    from fedcxr.pki import PkiError, describe, issue
+    from fedcxr.federation.pki import PkiError, describe, issue
 
     try:
         files = issue(folder, common_name, role, host or (), days, out=out, force=force)
@@ -269,7 +269,7 @@ def pki_show(
     """Print a certificate's common name, fingerprint, validity and issuer; check its chain."""
     import datetime as dt
 
-    from fedcxr.pki import CA_CERT, PkiError, describe, verify_chain
+    from fedcxr.federation.pki import CA_CERT, PkiError, describe, verify_chain
 
     try:
         pem = cert.read_bytes()
@@ -305,7 +305,7 @@ def audit_verify(
     log: Annotated[Path, typer.Argument(help="The audit log (JSONL) to check.")],
 ) -> None:
     """Check the hash chain of an audit log; exit 0 if intact, 1 at the first broken line."""
-    from fedcxr.audit import verify
+    from fedcxr.federation.audit import verify
 
     try:
         result = verify(log)
@@ -360,9 +360,9 @@ def aggregator_serve(
     ca.pem), listens until fl.rounds rounds are done, then writes model.safetensors,
     history.json and summary.json in --out.
     """
-    from fedcxr.federation.aggregator import FederationError
+    from fedcxr.federation.pki import PkiError
+    from fedcxr.federation.protocol import FederationError
     from fedcxr.federation.runner import serve_aggregator
-    from fedcxr.pki import PkiError
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
     if not names:
@@ -406,8 +406,8 @@ def site_run(
     """
     import logging
 
-    from fedcxr.federation.runner import run_site_process, tls_from_files
-    from fedcxr.pki import PkiError
+    from fedcxr.federation.pki import PkiError
+    from fedcxr.federation.site_trainer import run_site_process, tls_from_files
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = _params(params)

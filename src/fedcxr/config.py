@@ -25,7 +25,7 @@ from fedcxr.sources import SYNTHETIC_DIR
 # exactly these names: a new model, strategy or partitioner is registered and listed here.
 REGISTRIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.arch": ("fedcxr.models.MODELS", ("smallcnn", "resnet50", "densenet121")),
-    "fl.strategy": ("fedcxr.strategies.STRATEGIES", ("fedavg", "fedprox")),
+    "fl.strategy": ("fedcxr.federation.strategies.STRATEGIES", ("fedavg", "fedprox")),
     "partition.strategy": ("fedcxr.partition.PARTITIONERS", ("demographic", "iid", "dirichlet")),
 }
 
@@ -224,7 +224,7 @@ class DPConfig(_Section):
 class FLConfig(_Section):
     rounds: int = Field(3, gt=0)
     local_epochs: int = Field(1, gt=0)
-    strategy: str = "fedavg"  # a name in fedcxr.strategies.STRATEGIES (fedavg | fedprox)
+    strategy: str = "fedavg"  # a name in fedcxr.federation.strategies.STRATEGIES (fedavg | fedprox)
     fedprox_mu: float = Field(0.01, ge=0.0)
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0 = any free port

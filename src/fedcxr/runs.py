@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from fedcxr.federation.transport import write_state_file
 from fedcxr.stageio import atomic_path, unshare, write_text_atomic
-from fedcxr.transport import write_state_file
 
 MODEL = "model.safetensors"
 CARD = "run.json"

@@ -9,14 +9,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-import torch
 
 from fedcxr import __version__
-from fedcxr.federation.aggregator import KEEPALIVE_OPTIONS
-from fedcxr.pki import TlsBundle
-from fedcxr.proto import fedcxr_pb2 as pb
-from fedcxr.proto import fedcxr_pb2_grpc as pb_grpc
-from fedcxr.transport import (
+from fedcxr.federation.pki import TlsBundle
+from fedcxr.federation.proto import fedcxr_pb2 as pb
+from fedcxr.federation.proto import fedcxr_pb2_grpc as pb_grpc
+from fedcxr.federation.protocol import KEEPALIVE_OPTIONS, State, channel_credentials
+from fedcxr.federation.transport import (
     TransferError,
     bytes_to_state,
     from_chunks,
@@ -25,7 +24,6 @@ from fedcxr.transport import (
     to_chunks,
 )
 
-State = dict[str, torch.Tensor]
 TrainFn = Callable[[State, int, dict[str, Any]], tuple[State, int, dict[str, Any]]]
 T = TypeVar("T")
 
@@ -64,15 +62,6 @@ def _metrics_json(metrics: dict[str, Any], rnd: int) -> str:
         return json.dumps(metrics, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"train_fn metrics of round {rnd} are not strict JSON: {exc}") from None
-
-
-def channel_credentials(tls: TlsBundle) -> grpc.ChannelCredentials:
-    """A site's side of mutual TLS: trust the federation CA, present the site certificate."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=tls.root_certificates,
-        private_key=tls.private_key,
-        certificate_chain=tls.certificate_chain,
-    )
 
 
 def run_site(

@@ -1,14 +1,21 @@
-"""Aggregation strategies (FedAvg, FedProx) and the aggregator's checks on site updates."""
+"""Aggregation strategies (FedAvg, FedProx); the aggregator's checks on updates and checkpoints."""
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-State = dict[str, torch.Tensor]
+from fedcxr.checkpoint import Checkpoint, load_checkpoint
+from fedcxr.federation.protocol import FederationError, State, strict_json_obj
+from fedcxr.federation.transport import LazyState, TransferError
+
+_CHECK_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -104,3 +111,55 @@ def check_update(
     elif site_size is not None and update.n_examples > site_size:
         problems.append(f"n_k {update.n_examples} exceeds the site's {site_size} examples")
     return problems
+
+
+def check_upload(
+    reference: Mapping[str, torch.Tensor],
+    site: str,
+    n_examples: int,
+    path: Path,
+    metrics_json: str,
+    site_size: int | None,
+) -> tuple[LazyState | None, dict[str, Any], list[str]]:
+    """Open a spooled upload and check it against the reference, one tensor at a time.
+
+    Returns (the update's LazyState, or None if the file is unreadable; its metrics; why it
+    must be refused, empty if acceptable). The caller owns (and closes) the LazyState.
+    """
+    problems: list[str] = []
+    state: LazyState | None = None
+    try:
+        state = LazyState(path)
+    except TransferError as exc:
+        problems.append(str(exc))
+    try:
+        try:
+            metrics = strict_json_obj(metrics_json, "metrics_json")
+        except ValueError as exc:
+            metrics = {}
+            problems.append(str(exc))
+        if state is not None:
+            with _CHECK_LOCK:
+                problems += check_update(reference, SiteUpdate(site, n_examples, state), site_size)
+    except BaseException:
+        if state is not None:
+            state.close()
+        raise
+    return state, metrics, problems
+
+
+def load_resume_checkpoint(
+    path: Path, strategy: str, reference: Mapping[str, torch.Tensor]
+) -> Checkpoint:
+    """The checkpoint at `path`, if written by `strategy` for a model shaped like `reference`;
+    else a FederationError."""
+    ckpt = load_checkpoint(path)
+    if ckpt.meta.get("strategy") != strategy:
+        raise FederationError(
+            f"{path}: written by strategy {ckpt.meta.get('strategy')!r}, "
+            f"this federation uses {strategy!r}"
+        )
+    problems = check_update(reference, SiteUpdate("checkpoint", 1, ckpt.state), None)
+    if problems:
+        raise FederationError(f"{path}: does not match the model: {'; '.join(problems)}")
+    return ckpt

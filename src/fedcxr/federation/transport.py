@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedcxr.proto import fedcxr_pb2 as pb
+from fedcxr.federation.proto import fedcxr_pb2 as pb
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit
 MAX_TRANSFER_BYTES = 2 << 30

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fedcxr.proto import fedcxr_pb2 as fedcxr_dot_proto_dot_fedcxr__pb2
+from fedcxr.federation.proto import fedcxr_pb2 as fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fedcxr/proto/fedcxr_pb2_grpc.py depends on'
+        + ' but the generated code in fedcxr/federation/proto/fedcxr_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class FederationStub:
         """
         self.Join = channel.unary_unary(
                 '/fedcxr.v1.Federation/Join',
-                request_serializer=fedcxr_dot_proto_dot_fedcxr__pb2.JoinRequest.SerializeToString,
-                response_deserializer=fedcxr_dot_proto_dot_fedcxr__pb2.JoinReply.FromString,
+                request_serializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.JoinRequest.SerializeToString,
+                response_deserializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.JoinReply.FromString,
                 _registered_method=True)
         self.NextTask = channel.unary_unary(
                 '/fedcxr.v1.Federation/NextTask',
-                request_serializer=fedcxr_dot_proto_dot_fedcxr__pb2.TaskRequest.SerializeToString,
-                response_deserializer=fedcxr_dot_proto_dot_fedcxr__pb2.Task.FromString,
+                request_serializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.TaskRequest.SerializeToString,
+                response_deserializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Task.FromString,
                 _registered_method=True)
         self.DownloadModel = channel.unary_stream(
                 '/fedcxr.v1.Federation/DownloadModel',
-                request_serializer=fedcxr_dot_proto_dot_fedcxr__pb2.ModelRequest.SerializeToString,
-                response_deserializer=fedcxr_dot_proto_dot_fedcxr__pb2.Chunk.FromString,
+                request_serializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.ModelRequest.SerializeToString,
+                response_deserializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Chunk.FromString,
                 _registered_method=True)
         self.UploadUpdate = channel.stream_unary(
                 '/fedcxr.v1.Federation/UploadUpdate',
-                request_serializer=fedcxr_dot_proto_dot_fedcxr__pb2.Chunk.SerializeToString,
-                response_deserializer=fedcxr_dot_proto_dot_fedcxr__pb2.UploadReply.FromString,
+                request_serializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Chunk.SerializeToString,
+                response_deserializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.UploadReply.FromString,
                 _registered_method=True)
 
 
@@ -93,23 +93,23 @@ def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=fedcxr_dot_proto_dot_fedcxr__pb2.JoinRequest.FromString,
-                    response_serializer=fedcxr_dot_proto_dot_fedcxr__pb2.JoinReply.SerializeToString,
+                    request_deserializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.JoinRequest.FromString,
+                    response_serializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.JoinReply.SerializeToString,
             ),
             'NextTask': grpc.unary_unary_rpc_method_handler(
                     servicer.NextTask,
-                    request_deserializer=fedcxr_dot_proto_dot_fedcxr__pb2.TaskRequest.FromString,
-                    response_serializer=fedcxr_dot_proto_dot_fedcxr__pb2.Task.SerializeToString,
+                    request_deserializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.TaskRequest.FromString,
+                    response_serializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Task.SerializeToString,
             ),
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
-                    request_deserializer=fedcxr_dot_proto_dot_fedcxr__pb2.ModelRequest.FromString,
-                    response_serializer=fedcxr_dot_proto_dot_fedcxr__pb2.Chunk.SerializeToString,
+                    request_deserializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.ModelRequest.FromString,
+                    response_serializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Chunk.SerializeToString,
             ),
             'UploadUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadUpdate,
-                    request_deserializer=fedcxr_dot_proto_dot_fedcxr__pb2.Chunk.FromString,
-                    response_serializer=fedcxr_dot_proto_dot_fedcxr__pb2.UploadReply.SerializeToString,
+                    request_deserializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Chunk.FromString,
+                    response_serializer=fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.UploadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,8 +137,8 @@ class Federation:
             request,
             target,
             '/fedcxr.v1.Federation/Join',
-            fedcxr_dot_proto_dot_fedcxr__pb2.JoinRequest.SerializeToString,
-            fedcxr_dot_proto_dot_fedcxr__pb2.JoinReply.FromString,
+            fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.JoinRequest.SerializeToString,
+            fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -164,8 +164,8 @@ class Federation:
             request,
             target,
             '/fedcxr.v1.Federation/NextTask',
-            fedcxr_dot_proto_dot_fedcxr__pb2.TaskRequest.SerializeToString,
-            fedcxr_dot_proto_dot_fedcxr__pb2.Task.FromString,
+            fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.TaskRequest.SerializeToString,
+            fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class Federation:
             request,
             target,
             '/fedcxr.v1.Federation/DownloadModel',
-            fedcxr_dot_proto_dot_fedcxr__pb2.ModelRequest.SerializeToString,
-            fedcxr_dot_proto_dot_fedcxr__pb2.Chunk.FromString,
+            fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.ModelRequest.SerializeToString,
+            fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class Federation:
             request_iterator,
             target,
             '/fedcxr.v1.Federation/UploadUpdate',
-            fedcxr_dot_proto_dot_fedcxr__pb2.Chunk.SerializeToString,
-            fedcxr_dot_proto_dot_fedcxr__pb2.UploadReply.FromString,
+            fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.Chunk.SerializeToString,
+            fedcxr_dot_federation_dot_proto_dot_fedcxr__pb2.UploadReply.FromString,
             options,
             channel_credentials,
             insecure,

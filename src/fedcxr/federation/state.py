@@ -1,4 +1,4 @@
-"""The aggregator: a thread-safe federation core and the mutual-TLS gRPC server around it."""
+"""The round state machine: rounds, sites and the global model (FederationState), no gRPC."""
 
 from __future__ import annotations
 
@@ -7,95 +7,32 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-import torch
 from safetensors.torch import load_file
 
-from fedcxr import audit as ev
-from fedcxr.audit import AuditLog
-from fedcxr.checkpoint import load_checkpoint, save_checkpoint
+from fedcxr.checkpoint import save_checkpoint
+from fedcxr.federation import audit as ev
 from fedcxr.federation import heap
-from fedcxr.federation.tlswatch import watch_handshakes
-from fedcxr.pki import TlsBundle, fingerprint
-from fedcxr.proto import fedcxr_pb2 as pb
-from fedcxr.proto import fedcxr_pb2_grpc as pb_grpc
-from fedcxr.strategies import SiteUpdate, check_update, get_strategy
-from fedcxr.transport import (
-    LazyState,
-    TransferError,
-    file_chunks,
-    file_sha256,
-    receive_to_file,
-    write_state_file,
+from fedcxr.federation.audit import AuditLog
+from fedcxr.federation.protocol import (
+    DEFAULT_POLL_S,
+    FederationError,
+    SiteInfo,
+    State,
+    TaskInfo,
+    UploadResult,
 )
-
-State = dict[str, torch.Tensor]
-
-# Both ends ping every 30 s on idle connections (long local rounds, NAT/firewall idle timeouts);
-# the server accepts pings as often as every 10 s, so the clients' pings never count as strikes.
-KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-]
-DEFAULT_POLL_S = 5.0
-_CHECK_LOCK = threading.Lock()
-
-
-class FederationError(RuntimeError):
-    """A federation that cannot start or go on (bad checkpoint, unknown site, ...)."""
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What NextTask answers, without gRPC: kind is "WAIT", "TRAIN" or "STOP"."""
-
-    kind: str
-    round: int = 0
-    model_sha256: str = ""
-    config_json: str = ""
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    name: str
-    n_train: int
-    n_val: int
-    cert_fingerprint: str
-    software_version: str
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    accepted: bool
-    reason: str
-    sha256: str
-
-
-def _strict_json_obj(text: str, what: str) -> dict[str, Any]:
-    """Parse a JSON object, rejecting NaN/Infinity (the audit log and DVCLive need plain JSON)."""
-    if not text:
-        return {}
-
-    def reject(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        value = json.loads(text, parse_constant=reject)
-    except ValueError as exc:
-        raise ValueError(f"{what}: not strict JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what}: expected a JSON object, found {type(value).__name__}")
-    return value
+from fedcxr.federation.strategies import (
+    SiteUpdate,
+    check_upload,
+    get_strategy,
+    load_resume_checkpoint,
+)
+from fedcxr.federation.tlswatch import watch_handshakes
+from fedcxr.federation.transport import LazyState, file_sha256, write_state_file
 
 
 class FederationState:
@@ -172,17 +109,7 @@ class FederationState:
                     f"{self.checkpoint} already exists: pass resume=True to continue that "
                     f"federation, or remove it to start a new one"
                 )
-            ckpt = load_checkpoint(self.checkpoint)
-            if ckpt.meta.get("strategy") != self.strategy.name:
-                raise FederationError(
-                    f"{self.checkpoint}: written by strategy {ckpt.meta.get('strategy')!r}, "
-                    f"this federation uses {self.strategy.name!r}"
-                )
-            problems = check_update(global_state, SiteUpdate("checkpoint", 1, ckpt.state), None)
-            if problems:
-                raise FederationError(
-                    f"{self.checkpoint}: does not match the model: {'; '.join(problems)}"
-                )
+            ckpt = load_resume_checkpoint(self.checkpoint, self.strategy.name, global_state)
             global_state = ckpt.state
             start_round = ckpt.round + 1
             self.history = list(ckpt.meta.get("history", []))
@@ -418,22 +345,10 @@ class FederationState:
                 joined = self.joined.get(site)
             # The heavy checks run outside the lock, one tensor at a time. The reference cannot
             # change under them: the round closes only once this site has an outcome.
-            problems: list[str] = []
-            try:
-                state = LazyState(path)
-            except TransferError as exc:
-                problems.append(str(exc))
-            try:
-                metrics = _strict_json_obj(metrics_json, "metrics_json")
-            except ValueError as exc:
-                metrics = {}
-                problems.append(str(exc))
-            if state is not None:
-                size = joined.n_train if joined is not None else None
-                with _CHECK_LOCK:
-                    problems += check_update(
-                        reference, SiteUpdate(site, int(n_examples), state), size
-                    )
+            size = joined.n_train if joined is not None else None
+            state, metrics, problems = check_upload(
+                reference, site, int(n_examples), path, metrics_json, size
+            )
             reference.close()
             sha = sha256 or file_sha256(path)
             with self._cond:
@@ -532,169 +447,3 @@ class FederationState:
                 f"round {self.round}/{self.rounds}, finished={self.finished}, "
                 f"not joined: {missing}, no update yet: {pending}"
             )
-
-
-# ---------------------------------------------------------------------------- gRPC layer
-
-
-def _peer_cn(context: grpc.ServicerContext) -> str:
-    names = context.auth_context().get("x509_common_name") or []
-    return names[0].decode() if names else ""
-
-
-class FederationServicer(pb_grpc.FederationServicer):
-    """The Federation service: identity from the client certificate, work from the core."""
-
-    def __init__(self, state: FederationState, poll_s: float = DEFAULT_POLL_S) -> None:
-        self.state = state
-        self.poll_s = poll_s
-
-    def _site(self, context: grpc.ServicerContext) -> str:
-        cn = _peer_cn(context)
-        if not cn:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate common name")
-        if cn not in self.state.sites:
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"site {cn!r} is not on the allow-list"
-            )
-        return cn
-
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        cn = _peer_cn(context)
-        if not cn:
-            self.state.refuse_join(context.peer(), "no client certificate common name")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate common name")
-        pems = context.auth_context().get("x509_pem_cert") or []
-        fp = fingerprint(pems[0]) if pems else ""
-        try:
-            config = self.state.join(
-                cn, request.n_train, request.n_val, fp, request.software_version
-            )
-        except PermissionError as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return pb.JoinReply(site=cn, federation_id=self.state.federation_id, config_json=config)
-
-    def NextTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
-        site = self._site(context)
-        left = context.time_remaining()
-        timeout = self.poll_s if left is None else max(0.0, min(self.poll_s, left - 1.0))
-        try:
-            task = self.state.next_task(site, timeout=timeout)
-        except LookupError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return pb.Task(
-            kind=pb.Task.Kind.Value(task.kind),
-            round=task.round,
-            model_sha256=task.model_sha256,
-            config_json=task.config_json,
-            message=task.message,
-        )
-
-    def DownloadModel(
-        self, request: pb.ModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.Chunk]:
-        site = self._site(context)
-        try:
-            path, sha = self.state.model_for(site, request.round)
-        except (LookupError, ValueError) as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        yield from file_chunks(path, sha)
-
-    def UploadUpdate(
-        self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
-    ) -> pb.UploadReply:
-        site = self._site(context)
-        header: pb.UpdateHeader | None = None
-
-        def seen(h: pb.UpdateHeader) -> None:
-            nonlocal header
-            header = h
-
-        path = self.state.spool_file()
-        try:
-            header, _, sha = receive_to_file(
-                request_iterator,
-                path,
-                max_bytes=self.state.max_update_bytes,
-                what=f"update from {site!r}",
-                on_header=seen,
-            )
-        except TransferError as exc:
-            rnd = header.round if header is not None else 0
-            result = self.state.refuse_transfer(site, rnd, str(exc))
-            return pb.UploadReply(accepted=False, reason=result.reason)
-        if header is None:
-            path.unlink(missing_ok=True)
-            result = self.state.refuse_transfer(site, 0, "upload without an UpdateHeader")
-            return pb.UploadReply(accepted=False, reason=result.reason)
-        heap.trim()
-        result = self.state.submit(
-            site, header.round, header.n_examples, header.metrics_json, path, sha256=sha
-        )
-        return pb.UploadReply(accepted=result.accepted, reason=result.reason, sha256=result.sha256)
-
-
-def server_credentials(tls: TlsBundle) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials(
-        [(tls.private_key, tls.certificate_chain)],
-        root_certificates=tls.root_certificates,
-        require_client_auth=True,
-    )
-
-
-def serve(
-    state: FederationState,
-    tls: TlsBundle,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    poll_s: float = DEFAULT_POLL_S,
-) -> tuple[grpc.Server, int]:
-    """Start the mutual-TLS server (port 0 picks a free one); return (server, bound port)."""
-    heap.limit_arenas()
-    workers = 8 + 2 * len(state.sites)  # each long-poll holds a thread for up to poll_s
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedcxr-agg"),
-        options=KEEPALIVE_OPTIONS,
-    )
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(state, poll_s), server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        bound = server.add_secure_port(address, server_credentials(tls))
-    except RuntimeError as exc:
-        raise FederationError(f"cannot listen on {address}: {exc}") from None
-    if bound == 0:
-        raise FederationError(f"cannot listen on {address} (in use?)")
-    server.start()
-    state.watch_handshakes()
-    return server, bound
-
-
-def run_aggregator(
-    state: FederationState,
-    tls: TlsBundle,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    poll_s: float = DEFAULT_POLL_S,
-    timeout_s: float | None = None,
-    on_ready: Callable[[int], None] | None = None,
-    grace_s: float = 5.0,
-) -> list[dict[str, Any]]:
-    """Serve until the federation finished (or halted), stop gracefully, return the history."""
-    server, bound = serve(state, tls, host, port, poll_s=poll_s)
-    try:
-        if on_ready is not None:
-            on_ready(bound)
-        if not state.wait(timeout=timeout_s):
-            raise FederationError(
-                f"federation on port {bound} did not finish within {timeout_s} s: "
-                f"{state.describe()}"
-            )
-    finally:
-        # A halted federation is stopped like a kill: no grace for calls in flight.
-        server.stop(None if state.halted else grace_s).wait()
-        state.stop_watching()
-    return state.history
