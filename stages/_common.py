@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedcxr.config import Params
-from fedcxr.federation.runner import find_sites
+from fedcxr.sitedata import find_sites
 from fedcxr.train.ddp import DDPSpec
 
 SITES = Path("data/sites")

@@ -23,11 +23,11 @@ from fedcxr.federation.runner import (
     PARAMS,
     changed_training_keys,
     check_names,
-    find_sites,
     run_federation,
 )
 from fedcxr.federation.summary import AUDIT
 from fedcxr.runs import ARCHIVE, CARD, RunCard, run_dir, set_aside
+from fedcxr.sitedata import find_sites
 from fedcxr.stageio import run_stage, write_json
 
 PKI = Path("pki")  # certificates and keys: kept out of git (.gitignore) and DVC

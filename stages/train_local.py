@@ -6,8 +6,8 @@ import shutil
 from _common import MODELS, SITES, matrix_entry, pooled_spec
 
 from fedcxr.config import Params
-from fedcxr.federation.runner import find_sites
 from fedcxr.runs import run_dir
+from fedcxr.sitedata import find_sites
 from fedcxr.stageio import run_stage
 from fedcxr.train.pooled import train_pooled
 

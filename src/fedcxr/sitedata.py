@@ -19,6 +19,19 @@ INDEX_COLUMNS = ("image_id", "patient_id", "split", *FINDINGS, "age", "sex", "vi
 COPY_BATCH = 512
 
 
+def find_sites(sites_dir: Path) -> list[str]:
+    """Names of the site folders (holding images.npy and index.csv) under `sites_dir`, sorted:
+    the one site discovery that training, federation and evaluation share."""
+    if not sites_dir.is_dir():
+        raise FileNotFoundError(f"sites folder {sites_dir} not found (run the partition stage)")
+    names = sorted(
+        p.name for p in sites_dir.iterdir() if (p / IMAGES).is_file() and (p / INDEX).is_file()
+    )
+    if not names:
+        raise FileNotFoundError(f"{sites_dir}: expected site folders with {IMAGES} and {INDEX}")
+    return names
+
+
 @dataclass(frozen=True)
 class SiteData:
     """One folder: images.npy (N x S x S uint8, memory-mapped) and index.csv (row i = image i)."""

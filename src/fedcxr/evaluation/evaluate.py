@@ -36,7 +36,7 @@ from fedcxr.evaluation.compare import (
 from fedcxr.evaluation.stats import FloatArray, IntArray, choose_threshold
 from fedcxr.models import build_model, num_classes_for
 from fedcxr.runs import MODEL, RunCard, find_runs, read_card, read_run
-from fedcxr.sitedata import SiteData
+from fedcxr.sitedata import SiteData, find_sites
 from fedcxr.train.data import PNEUMONIA, TASKS, XrayDataset, label_columns, make_loader
 from fedcxr.train.loop import load_plain_state_dict, predict
 
@@ -220,14 +220,8 @@ def load_model(folder: Path, device: torch.device) -> tuple[nn.Module, RunCard]:
 
 
 def open_sites(sites_dir: Path) -> dict[str, SiteData]:
-    """Every site folder (holding index.csv) under sites_dir, by name, sorted."""
-    folders = sorted(p for p in Path(sites_dir).iterdir() if (p / "index.csv").is_file())
-    if not folders:
-        raise FileNotFoundError(
-            f"no site folders (with index.csv) under {sites_dir}: expected the partition "
-            "stage's data/sites/site-*"
-        )
-    return {p.name: SiteData.open(p) for p in folders}
+    """Every site folder under sites_dir (sitedata.find_sites), by name, sorted."""
+    return {name: SiteData.open(Path(sites_dir) / name) for name in find_sites(Path(sites_dir))}
 
 
 def _split(sites: Sequence[SiteData], split: str, task: str, image_size: int) -> XrayDataset:

@@ -21,7 +21,7 @@ from fedcxr.federation.state import FederationState
 from fedcxr.federation.strategies import get_strategy
 from fedcxr.federation.summary import AUDIT, summarize
 from fedcxr.models import MODELS, build_model, num_classes_for
-from fedcxr.sitedata import IMAGES, INDEX
+from fedcxr.sitedata import find_sites
 from fedcxr.stageio import unshare, write_text_atomic
 from fedcxr.train.loop import plain_state_dict, seed_everything
 
@@ -50,18 +50,6 @@ def check_names(params: Params) -> None:
 
 
 # ---------------------------------------------------------------------- aggregator side
-
-
-def find_sites(sites_dir: Path) -> list[str]:
-    """Names of the site folders (holding images.npy and index.csv) under `sites_dir`."""
-    if not sites_dir.is_dir():
-        raise FileNotFoundError(f"sites folder {sites_dir} not found (run the partition stage)")
-    names = sorted(
-        p.name for p in sites_dir.iterdir() if (p / IMAGES).is_file() and (p / INDEX).is_file()
-    )
-    if not names:
-        raise FileNotFoundError(f"{sites_dir}: expected site folders with {IMAGES} and {INDEX}")
-    return names
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
