@@ -22,7 +22,6 @@ from fedcxr.federation.runner import (
     CHECKPOINT,
     PARAMS,
     changed_training_keys,
-    check_names,
     run_federation,
 )
 from fedcxr.federation.summary import AUDIT
@@ -135,7 +134,6 @@ def clear_run(out: Path, family: str, tag: str, why: str) -> None:
 def main(params: Params) -> None:
     params = matrix_entry(params, __doc__)
     family = "federated_dp" if "--dp" in sys.argv else "federated"
-    check_names(params)  # a bad name fails here, before any output is touched
     out = run_dir(MODELS, family, params.task, params.seed)
     tag = f"{params.task}-s{params.seed}"
     report, live_dir = REPORTS / family / f"{tag}.json", LIVE / family / tag
