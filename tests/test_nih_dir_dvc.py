@@ -1,16 +1,14 @@
 """data.nih_dir anywhere: DVC tracks the folder it names, inside the repository or not."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from dvcrepo import commit_all, pipeline_copy, repo_params
 from nihfolder import SECRET_ENV, make_nih_folder
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # runs dvc in a temporary git repository
 
@@ -24,29 +22,6 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def _repo(root: Path, params: dict) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    for name in ("stages", "src", ".dvc"):
-        shutil.copytree(
-            REPO / name,
-            repo / name,
-            ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "*.egg-info"),
-        )
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (
-        ["git", "init", "-q"],
-        ["git", "config", "user.email", "test@localhost"],
-        ["git", "config", "user.name", "fedcxr test"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "tiny pipeline"],
-    ):
-        _run(args, repo)
-    return repo
-
-
 def _ingest_deps(repo: Path) -> dict[str, dict]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {dep["path"]: dep for dep in lock["stages"]["ingest"]["deps"]}
@@ -55,10 +30,10 @@ def _ingest_deps(repo: Path) -> dict[str, dict]:
 def test_dvc_tracks_an_nih_dir_outside_the_repository(tmp_path: Path):
     nih = tmp_path / "elsewhere" / "ChestX-ray14"
     make_nih_folder(nih)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = repo_params()
     params["data"].update(source="nih", nih_dir=str(nih))
     params["ingest"]["workers"] = 1
-    repo = _repo(tmp_path, params)
+    repo = commit_all(pipeline_copy(tmp_path / "repo", params))
     _run(["fedcxr", "check-params"], repo)
 
     ran = _run(["dvc", "repro", "ingest"], repo)
@@ -77,6 +52,7 @@ def test_dvc_tracks_an_nih_dir_outside_the_repository(tmp_path: Path):
 
 
 def test_the_embedded_default_still_depends_on_data_raw_synthetic(tmp_path: Path):
-    repo = _repo(tmp_path, yaml.safe_load((REPO / "params.yaml").read_text()))
+    params = repo_params()
+    repo = commit_all(pipeline_copy(tmp_path / "repo", params))
     status = _run(["dvc", "status", "ingest", "resize"], repo).stdout
     assert "data/raw/synthetic" in status and "data/raw/nih" not in status, status

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zlib
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dvcrepo import commit_all, pipeline_copy, repo_params
 from nihfolder import (
     EXTRA_COLUMN,
     SECRET_ENV,
@@ -24,7 +24,6 @@ from nihfolder import (
     ztxt_chunk,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCE = Path("data/raw/nih")  # the input folder: the one place the planted PHI may be
 ODD_NAME = "WINTERBOTHAM_DELPHINE_chest.png"
 # Where each plant goes, what it is, and the strings (whole and in parts) searched for.
@@ -123,16 +122,7 @@ def _set_params(repo: Path, **sections: dict) -> None:
 @pytest.fixture
 def planted_repo(tmp_path: Path) -> Path:
     """A git + DVC repository of the pipeline whose NIH folder carries the plants."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "params.yaml"):
-        shutil.copy(REPO / name, repo / name)
-    for name in ("stages", "src", ".dvc"):
-        shutil.copytree(
-            REPO / name,
-            repo / name,
-            ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "*.egg-info", "*.local"),
-        )
+    repo = pipeline_copy(tmp_path / "repo", repo_params())
     # DVC's own index of hashed files (its "site cache", /var/tmp/dvc by default) kept here.
     (repo / ".dvc" / "config.local").write_text(
         f"[core]\n    site_cache_dir = {tmp_path / 'dvc-site-cache'}\n"
@@ -147,15 +137,7 @@ def planted_repo(tmp_path: Path) -> Path:
         partition={"strategy": "iid", "test_size": 9, "site_sizes": [6, 6, 6, 6, 6]},
     )
     _plant(repo / SOURCE)
-    for args in (
-        ["git", "init", "-q"],
-        ["git", "config", "user.email", "test@localhost"],
-        ["git", "config", "user.name", "fedcxr test"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "pipeline"],
-    ):
-        _ok(_run(args, repo))
-    return repo
+    return commit_all(repo)
 
 
 def _assert_nothing_persisted(repo: Path, console: list[subprocess.CompletedProcess]) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from dvcrepo import commit_all, pipeline_copy, repo_params
 
-REPO = Path(__file__).resolve().parents[1]
 DATA_STAGES = ("synthesize", "ingest", "deid", "resize", "partition")
 
 pytestmark = pytest.mark.slow
@@ -39,28 +39,12 @@ def _lock_hashes(repo: Path) -> dict:
 
 @pytest.fixture
 def tiny_repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    for name in ("stages", "src", ".dvc"):
-        shutil.copytree(
-            REPO / name,
-            repo / name,
-            ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "*.egg-info"),
-        )
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = repo_params()
     params["data"]["synthetic"]["n_images"] = 48
     params["resize"]["size"] = 64
     params["resize"]["shard_images"] = 16
     params["train"]["image_size"] = 32  # must stay <= resize.size (the exp below sets 32)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run(["git", "config", "user.email", "test@localhost"], repo)
-    _run(["git", "config", "user.name", "fedcxr test"], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "tiny pipeline"], repo)
-    return repo
+    return commit_all(pipeline_copy(tmp_path / "repo", params))
 
 
 def test_dvc_repro_data_stages_cached_and_byte_identical(tiny_repo: Path):

@@ -17,16 +17,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
 from fedcxr.cli import app
+from fedcxr.federation.certs import common_name, describe, fingerprint, verify_chain
 from fedcxr.federation.pki import (
     PkiError,
-    common_name,
-    describe,
     ensure_federation,
-    fingerprint,
     init_ca,
     issue,
     load_bundle,
-    verify_chain,
 )
 
 SITES = ("site-a", "site-b")

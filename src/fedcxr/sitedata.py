@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,13 +9,10 @@ import numpy as np
 import pandas as pd
 
 from fedcxr.labels import FINDINGS
-from fedcxr.partition import TEST, SplitPlan
-from fedcxr.resize import open_shards
 
 IMAGES = "images.npy"
 INDEX = "index.csv"
 INDEX_COLUMNS = ("image_id", "patient_id", "split", *FINDINGS, "age", "sex", "view")
-COPY_BATCH = 512
 
 
 def find_sites(sites_dir: Path) -> list[str]:
@@ -62,34 +58,3 @@ class SiteData:
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.index["split"].to_numpy() == split)
-
-
-def _copy_rows(shards: list[np.ndarray], shard_images: int, rows: np.ndarray, dest: Path) -> None:
-    size = shards[0].shape[1] if shards else 0
-    out = np.lib.format.open_memmap(dest, mode="w+", dtype=np.uint8, shape=(len(rows), size, size))
-    for start in range(0, len(rows), COPY_BATCH):
-        batch = rows[start : start + COPY_BATCH]
-        shard_of, offset = np.divmod(batch, shard_images)
-        for k in np.unique(shard_of):
-            pick = shard_of == k
-            out[start + np.flatnonzero(pick)] = shards[k][offset[pick]]
-    out.flush()
-
-
-def write_sets(
-    meta: pd.DataFrame, plan: SplitPlan, resized: Path, sites_dir: Path, test_dir: Path
-) -> dict[str, Path]:
-    """Copy each set's pixels out of the resize shards into its own folder with an index."""
-    shard_images = json.loads((resized / "resize.json").read_text())["shard_images"]
-    shards = open_shards(resized)
-    set_of = plan.set_of()
-    folders = {}
-    for name in plan.sets:
-        folder = test_dir if name == TEST else sites_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = np.flatnonzero(set_of == name)
-        _copy_rows(shards, shard_images, rows, folder / IMAGES)
-        index = meta.iloc[rows].assign(split=plan.split[rows]).loc[:, list(INDEX_COLUMNS)]
-        index.to_csv(folder / INDEX, index=False, lineterminator="\n")
-        folders[name] = folder
-    return folders

@@ -49,100 +49,71 @@ PAPER_CONFIGS: dict[str, str] = {
 }
 
 
-def _row(table: str, config: str, values: dict[str, tuple[float, float, str, str]]) -> dict:
-    row = PAPER_CONFIGS[config]
+def _source(table: str, config: str, column: str) -> str:
+    """Where a cell stands in the paper: "<table>, <row>, <column>"."""
+    return f"{table}, {PAPER_CONFIGS[config]}, {column}"
+
+
+# The performance tables' columns: metric (metrics.json key) -> (unit, the paper's heading).
+_COLUMNS: dict[str, tuple[str, str]] = {
+    "auroc_macro": ("%", "AUC (%)"),
+    "accuracy": ("%", "Acc. (%)"),
+    "f1": ("", "F1"),
+    "precision": ("%", "Prec. (%)"),
+    "recall": ("%", "Rec. (%)"),
+    "sensitivity_pneumonia": ("%", "Sens. (%)"),
+    "specificity_pneumonia": ("%", "Spec. (%)"),
+}
+
+
+def _stats(
+    table: str, metrics: tuple[str, ...], rows: dict[str, tuple[tuple[float, float], ...]]
+) -> dict[str, dict[str, PaperStat]]:
+    """config -> metric -> cell, from each configuration's (mean, sd) per metric, in order."""
     return {
-        key: PaperStat(mean, sd, unit, f"{table}, {row}, {column}")
-        for key, (mean, sd, unit, column) in values.items()
+        config: {
+            key: PaperStat(mean, sd, _COLUMNS[key][0], _source(table, config, _COLUMNS[key][1]))
+            for key, (mean, sd) in zip(metrics, values, strict=True)
+        }
+        for config, values in rows.items()
     }
 
 
 # Table 1: Multi-Label (14 Diseases) Results on Test Set (section 5.2.1).
-TABLE1: dict[str, dict[str, PaperStat]] = {
-    "single_node": _row(
-        "Table 1",
-        "single_node",
-        {
-            "auroc_macro": (81.2, 0.5, "%", "AUC (%)"),
-            "accuracy": (78.9, 0.4, "%", "Acc. (%)"),
-            "f1": (0.77, 0.03, "", "F1"),
-            "precision": (80.1, 0.5, "%", "Prec. (%)"),
-            "recall": (74.6, 0.6, "%", "Rec. (%)"),
-        },
-    ),
-    "centralized": _row(
-        "Table 1",
-        "centralized",
-        {
-            "auroc_macro": (82.5, 0.4, "%", "AUC (%)"),
-            "accuracy": (80.2, 0.5, "%", "Acc. (%)"),
-            "f1": (0.78, 0.03, "", "F1"),
-            "precision": (81.3, 0.4, "%", "Prec. (%)"),
-            "recall": (75.9, 0.5, "%", "Rec. (%)"),
-        },
-    ),
-    "federated": _row(
-        "Table 1",
-        "federated",
-        {
-            "auroc_macro": (83.7, 0.6, "%", "AUC (%)"),
-            "accuracy": (81.1, 0.3, "%", "Acc. (%)"),
-            "f1": (0.79, 0.02, "", "F1"),
-            "precision": (82.1, 0.5, "%", "Prec. (%)"),
-            "recall": (76.5, 0.4, "%", "Rec. (%)"),
-        },
-    ),
-}
+TABLE1: dict[str, dict[str, PaperStat]] = _stats(
+    "Table 1",
+    ("auroc_macro", "accuracy", "f1", "precision", "recall"),
+    {
+        "single_node": ((81.2, 0.5), (78.9, 0.4), (0.77, 0.03), (80.1, 0.5), (74.6, 0.6)),
+        "centralized": ((82.5, 0.4), (80.2, 0.5), (0.78, 0.03), (81.3, 0.4), (75.9, 0.5)),
+        "federated": ((83.7, 0.6), (81.1, 0.3), (0.79, 0.02), (82.1, 0.5), (76.5, 0.4)),
+    },
+)
 
 # Table 2: Binary Pneumonia Detection Results (section 5.2.2). Sens./Spec. are the
 # pneumonia sensitivity and specificity; the paper gives no F1, precision or recall here.
-TABLE2: dict[str, dict[str, PaperStat]] = {
-    "single_node": _row(
-        "Table 2",
-        "single_node",
-        {
-            "auroc_macro": (86.9, 0.3, "%", "AUC (%)"),
-            "accuracy": (85.2, 0.5, "%", "Acc. (%)"),
-            "sensitivity_pneumonia": (88.3, 0.4, "%", "Sens. (%)"),
-            "specificity_pneumonia": (84.1, 0.6, "%", "Spec. (%)"),
-        },
-    ),
-    "centralized": _row(
-        "Table 2",
-        "centralized",
-        {
-            "auroc_macro": (88.1, 0.4, "%", "AUC (%)"),
-            "accuracy": (86.4, 0.4, "%", "Acc. (%)"),
-            "sensitivity_pneumonia": (89.2, 0.5, "%", "Sens. (%)"),
-            "specificity_pneumonia": (85.0, 0.5, "%", "Spec. (%)"),
-        },
-    ),
-    "federated": _row(
-        "Table 2",
-        "federated",
-        {
-            "auroc_macro": (89.4, 0.5, "%", "AUC (%)"),
-            "accuracy": (87.1, 0.6, "%", "Acc. (%)"),
-            "sensitivity_pneumonia": (90.1, 0.6, "%", "Sens. (%)"),
-            "specificity_pneumonia": (85.8, 0.5, "%", "Spec. (%)"),
-        },
-    ),
-}
+TABLE2: dict[str, dict[str, PaperStat]] = _stats(
+    "Table 2",
+    ("auroc_macro", "accuracy", "sensitivity_pneumonia", "specificity_pneumonia"),
+    {
+        "single_node": ((86.9, 0.3), (85.2, 0.5), (88.3, 0.4), (84.1, 0.6)),
+        "centralized": ((88.1, 0.4), (86.4, 0.4), (89.2, 0.5), (85.0, 0.5)),
+        "federated": ((89.4, 0.5), (87.1, 0.6), (90.1, 0.6), (85.8, 0.5)),
+    },
+)
 
-# Table 3: Training Time per Epoch and Network Overhead (section 5.3).
+# Table 3: Training Time per Epoch and Network Overhead (section 5.3): per configuration,
+# Time/Epoch (h) as mean, sd and Comm. Overhead (GB) as published text.
 TABLE3: dict[str, dict[str, PaperStat | PaperText]] = {
-    "single_node": {
-        "time_per_epoch": PaperStat(8.5, 0.4, "h", "Table 3, Single-Node Baseline, Time/Epoch"),
-        "comm": PaperText("N/A", "GB", "Table 3, Single-Node Baseline, Comm. Overhead (GB)"),
-    },
-    "centralized": {
-        "time_per_epoch": PaperStat(5.2, 0.3, "h", "Table 3, Centralized Multi-Node, Time/Epoch"),
-        "comm": PaperText("~150", "GB", "Table 3, Centralized Multi-Node, Comm. Overhead (GB)"),
-    },
-    "federated": {
-        "time_per_epoch": PaperStat(5.8, 0.4, "h", "Table 3, Federated Multi-Node, Time/Epoch"),
-        "comm": PaperText("10–20", "GB", "Table 3, Federated Multi-Node, Comm. Overhead (GB)"),
-    },
+    config: {
+        "time_per_epoch": PaperStat(mean, sd, "h", _source("Table 3", config, "Time/Epoch")),
+        "comm": PaperText(comm, "GB", _source("Table 3", config, "Comm. Overhead (GB)")),
+    }
+    for config, (mean, sd, comm) in {
+        "single_node": (8.5, 0.4, "N/A"),
+        "centralized": (5.2, 0.3, "~150"),
+        "federated": (5.8, 0.4, "10–20"),
+    }.items()
 }
 
 # Tables by fedcxr task name: the paper's multi-label table and its pneumonia table.
