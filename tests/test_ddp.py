@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,6 @@ from fedcxr.train.ddp import (
     MODEL,
     TIMINGS,
     DDPLaunchError,
-    DDPSpec,
     DistEnv,
     launch_ddp,
     make_pooled_setup,
@@ -34,7 +37,7 @@ from fedcxr.train.ddp import (
     set_loader_epoch,
     torchrun_command,
 )
-from fedcxr.train.ddp_worker import build_parser, spec_from_args
+from fedcxr.train.ddpspec import DDPSpec, read_spec, write_spec
 from fedcxr.train.loop import plain_state_dict, threads_per_process, train_epoch
 from fedcxr.train.sampler import GlobalBatchSampler, global_batches
 
@@ -232,14 +235,18 @@ def test_counter_adds_every_bucket_of_every_step(sites, tmp_path, monkeypatch):
     assert AllReduceCounter().bytes == 0
 
 
-# --- the worker's command line --------------------------------------------------------------
+# --- the worker's spec file and command line ------------------------------------------------
 
 
-def test_spec_survives_the_command_line(sites, tmp_path):
-    spec = tiny_spec(sites, tmp_path / "out", lr=1e-4 / 3, augment=False)
-    assert spec_from_args(spec.to_argv()) == spec
-    assert "--batch-size" in build_parser().format_help()
-    command = torchrun_command(2, spec)
+def test_spec_survives_the_json_file(sites, tmp_path):
+    spec = tiny_spec(sites, tmp_path / "out", lr=1e-4 / 3, augment=False, num_workers=1)
+    path = write_spec(spec, tmp_path / "spec.json")
+    assert read_spec(path) == spec
+    data = json.loads(path.read_text())
+    assert list(data) == [f.name for f in fields(DDPSpec)]
+    assert data["data"] == [str(s) for s in sites] and data["out"] == str(tmp_path / "out")
+    assert DDPSpec.from_json(spec.to_json()) == spec
+    command = torchrun_command(2, spec, path)
     assert command[1:6] == [
         "-m",
         "torch.distributed.run",
@@ -247,10 +254,54 @@ def test_spec_survives_the_command_line(sites, tmp_path):
         "--nproc_per_node=2",
         "-m",
     ]
+    assert command[-2:] == ["--spec", str(path)]
     with pytest.raises(RuntimeError, match="RANK"):
         DistEnv.from_env({})
     with pytest.raises(ValueError, match="duplicates"):
         tiny_spec((sites[0], sites[0]), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"bogus": 1}, "bogus: Unexpected keyword argument"),
+        ({"out": None}, "out: Field required"),
+        ({"epochs": "2"}, "epochs: Input should be a valid integer"),
+        ({"augment": 1}, "augment: Input should be a valid boolean"),
+        ({"data": [1]}, r"data\.0: Input should be a valid string"),
+        ({"epochs": 0}, "epochs >= 1"),
+    ],
+)
+def test_a_bad_spec_file_is_refused_naming_the_file_and_key(tmp_path, change, message):
+    data = {**tiny_spec((tmp_path / "a",), tmp_path / "out").to_json(), **change}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+    with pytest.raises(
+        ValueError, match=f"invalid DDP spec in {re.escape(str(path))}: .*{message}"
+    ):
+        read_spec(path)
+
+
+def test_a_spec_file_must_be_strict_json(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"data": ["a"], "out": "o", "lr": float("nan")}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: lr: .*finite number"):
+        read_spec(path)
+    with pytest.raises(ValueError, match="Out of range float"):
+        write_spec(tiny_spec((tmp_path,), tmp_path / "out", lr=float("inf")), path)
+    with pytest.raises(FileNotFoundError, match=r"missing\.json not found"):
+        read_spec(tmp_path / "missing.json")
+
+
+def test_the_worker_explains_itself():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcxr.train.ddp_worker", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--spec" in proc.stdout and "batch_size" in proc.stdout
 
 
 @pytest.mark.slow  # a real torchrun launch: ~10 s of interpreter and torch start-up

@@ -17,8 +17,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,12 +30,14 @@ from torch.utils.data import DataLoader
 
 import fedcxr
 from fedcxr.checkpoint import save_checkpoint
-from fedcxr.config import TrainConfig, resolve_world_size
+from fedcxr.config import resolve_world_size
 from fedcxr.models import build_model, num_classes_for
 from fedcxr.sitedata import INDEX, SiteData
 from fedcxr.stageio import write_json
+from fedcxr.tensorfile import MODEL, State
 from fedcxr.train.commhook import register_counter
-from fedcxr.train.data import TASKS, XrayDataset
+from fedcxr.train.data import XrayDataset
+from fedcxr.train.ddpspec import SPEC_FILE, DDPSpec, write_spec
 from fedcxr.train.loop import (
     TrainSetup,
     make_setup,
@@ -47,7 +50,6 @@ from fedcxr.train.loop import (
 from fedcxr.train.sampler import GlobalBatchSampler
 
 WORKER_MODULE = "fedcxr.train.ddp_worker"
-MODEL = "model.safetensors"
 METRICS = "metrics.json"  # deterministic: loss, steps, bytes (safe for `dvc metrics diff`)
 TIMINGS = "timings.json"  # seconds, kept apart so metric diffs are not noise
 CONFIG = "config.json"  # the resolved DDPSpec and world size
@@ -57,80 +59,6 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 class DDPLaunchError(RuntimeError):
     """torchrun exited non-zero or timed out; the message carries the tail of its output."""
-
-
-@dataclass(frozen=True)
-class DDPSpec:
-    """One centralized run: which site folders to pool, what to train, where to write."""
-
-    data: tuple[Path, ...]
-    out: Path
-    task: str = "multilabel"
-    arch: str = "smallcnn"
-    epochs: int = 2
-    batch_size: int = 32  # the GLOBAL batch; each of W ranks trains on batch_size / W
-    lr: float = 1e-4
-    image_size: int = 128
-    seed: int = 42
-    augment: bool = True
-    num_workers: int = 0
-    dp_safe: bool = False  # GroupNorm instead of BatchNorm (needed for exact DDP == 1 process)
-    pretrained: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "data", tuple(Path(d) for d in self.data))
-        object.__setattr__(self, "out", Path(self.out))
-        if not self.data:
-            raise ValueError("expected at least one site folder in data, found none")
-        if len(set(self.data)) != len(self.data):
-            raise ValueError(f"expected distinct site folders, found duplicates in {self.data}")
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASKS)}")
-        for name in ("epochs", "batch_size", "image_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"expected {name} >= 1, found {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"expected num_workers >= 0, found {self.num_workers}")
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            lr=float(self.lr),
-            batch_size=self.batch_size,
-            image_size=self.image_size,
-            epochs=self.epochs,
-            num_workers=self.num_workers,
-            seeds=(self.seed,),
-            augment=self.augment,
-        )
-
-    def to_argv(self) -> list[str]:
-        """Command-line arguments of fedcxr.train.ddp_worker that rebuild this spec."""
-        argv: list[str] = []
-        for folder in self.data:
-            argv += ["--data", str(folder)]
-        argv += [
-            "--out", str(self.out),
-            "--task", self.task,
-            "--arch", self.arch,
-            "--epochs", str(self.epochs),
-            "--batch-size", str(self.batch_size),
-            "--lr", repr(float(self.lr)),
-            "--image-size", str(self.image_size),
-            "--seed", str(self.seed),
-            "--num-workers", str(self.num_workers),
-            "--augment" if self.augment else "--no-augment",
-        ]  # fmt: skip
-        if self.dp_safe:
-            argv.append("--dp-safe")
-        if self.pretrained:
-            argv.append("--pretrained")
-        return argv
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["data"] = [str(d) for d in self.data]
-        out["out"] = str(self.out)
-        return out
 
 
 @dataclass(frozen=True)
@@ -312,7 +240,7 @@ def _train(spec: DDPSpec, env: DistEnv, device: torch.device, backend: str) -> d
     return summary
 
 
-def write_outputs(spec: DDPSpec, summary: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def write_outputs(spec: DDPSpec, summary: dict[str, Any], state: State) -> None:
     """model.safetensors (checkpoint, round = epochs), metrics.json, timings.json, config.json."""
     out = spec.out
     meta = {"kind": "centralized_ddp", "world_size": summary["world_size"], **spec.to_json()}
@@ -348,8 +276,8 @@ def machine_world_size(value: int | Literal["auto"]) -> int:
     return resolve_world_size(value, cuda_gpu_count())
 
 
-def torchrun_command(world_size: int, spec: DDPSpec) -> list[str]:
-    """`python -m torch.distributed.run --standalone --nproc_per_node=W -m <worker> <args>`."""
+def check_world_size(world_size: int, spec: DDPSpec) -> None:
+    """Refuse a world size below 1 or one that does not divide spec.batch_size."""
     if world_size < 1:
         raise ValueError(f"expected world_size >= 1, found {world_size}")
     if spec.batch_size % world_size:
@@ -357,10 +285,21 @@ def torchrun_command(world_size: int, spec: DDPSpec) -> list[str]:
             f"expected batch_size divisible by world_size, found batch_size={spec.batch_size} "
             f"and world_size={world_size}"
         )
+
+
+def torchrun_command(
+    world_size: int, spec: DDPSpec, spec_file: Path = Path(SPEC_FILE)
+) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=W -m <worker> --spec F`.
+
+    Checks world_size against spec (check_world_size); `spec_file` is where write_spec wrote
+    `spec` (launch_ddp passes a temporary file).
+    """
+    check_world_size(world_size, spec)
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc_per_node={world_size}",
-        "-m", WORKER_MODULE, *spec.to_argv(),
+        "-m", WORKER_MODULE, "--spec", str(spec_file),
     ]  # fmt: skip
 
 
@@ -376,21 +315,26 @@ def launch_ddp(
     timeout_s: float | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run torchrun on this machine (loopback rendezvous); raise DDPLaunchError on failure."""
-    cmd = torchrun_command(world_size, spec)
+    """Run torchrun on this machine (loopback rendezvous); raise DDPLaunchError on failure.
+
+    The workers read `spec` from a spec.json in a temporary folder (not in spec.out, the
+    run's DVC output), removed when torchrun ends.
+    """
     full_env = dict(os.environ if env is None else env)
     src = str(Path(fedcxr.__file__).resolve().parents[1])  # workers import this very code
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (src, full_env.get("PYTHONPATH")) if p)
     full_env.setdefault("OMP_NUM_THREADS", str(threads_per_process(world_size)))
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=full_env, timeout=timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise DDPLaunchError(
-            f"torchrun with {world_size} process(es) for {spec.out} did not finish in "
-            f"{timeout_s} s; last output:\n{_tail(exc.stdout, exc.stderr)}"
-        ) from None
+    with tempfile.TemporaryDirectory(prefix="fedcxr-ddp-") as tmp:
+        cmd = torchrun_command(world_size, spec, write_spec(spec, Path(tmp) / SPEC_FILE))
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=full_env, timeout=timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise DDPLaunchError(
+                f"torchrun with {world_size} process(es) for {spec.out} did not finish in "
+                f"{timeout_s} s; last output:\n{_tail(exc.stdout, exc.stderr)}"
+            ) from None
     if proc.returncode != 0:
         raise DDPLaunchError(
             f"torchrun with {world_size} process(es) for {spec.out} exited with "

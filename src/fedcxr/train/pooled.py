@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from fedcxr.runs import RunCard, write_run
-from fedcxr.train.ddp import DDPSpec, make_pooled_setup, make_rank_loader, set_loader_epoch
+from fedcxr.train.ddp import make_pooled_setup, make_rank_loader, set_loader_epoch
+from fedcxr.train.ddpspec import DDPSpec
 from fedcxr.train.loop import pick_device, plain_state_dict, train_epoch
 
 
