@@ -1,32 +1,36 @@
-"""Shared by the training stage scripts: the (task, seed) a matrix entry runs, its spec."""
+"""Shared by the training stage scripts: the matrix entry's options, its params, its spec."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
 
 from fedcxr.config import Params
 from fedcxr.sitedata import find_sites
-from fedcxr.train.ddp import DDPSpec
+from fedcxr.train.ddpspec import DDPSpec
 
-SITES = Path("data/sites")
-MODELS = Path("models")
-
-
-def matrix_entry(params: Params, description: str) -> Params:
-    """params with the --task/--seed of this DVC matrix entry applied (defaults: params)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--task", choices=["multilabel", "pneumonia"], default=params.task)
-    parser.add_argument("--seed", type=int, default=params.train.seeds[0])
-    parser.add_argument("--dp", action="store_true", help="the differentially private run")
-    args = parser.parse_args()
-    return params.model_copy(update={"task": args.task, "seed": args.seed})
+# The options every training stage takes from its `cmd` line in dvc.yaml.
+Task = Annotated[
+    Literal["multilabel", "pneumonia"], typer.Option(help="The task of this matrix entry.")
+]
+Seed = Annotated[int, typer.Option(help="The seed of this matrix entry.")]
+Sites = Annotated[Path, typer.Option(help="Folder of the site folders (partition's data/sites).")]
+Out = Annotated[Path, typer.Option(help="The run folder to write (model, run card).")]
 
 
-def pooled_spec(params: Params, out: Path, folders: list[Path] | None = None) -> DDPSpec:
+def matrix_entry(params: Params, task: str, seed: int) -> Params:
+    """params with the task and seed of this DVC matrix entry applied."""
+    return params.model_copy(update={"task": task, "seed": seed})
+
+
+def pooled_spec(
+    params: Params, sites: Path, out: Path, folders: list[Path] | None = None
+) -> DDPSpec:
     """A pooled-training spec over every site's train split (train.epochs epochs)."""
     if folders is None:
-        folders = [SITES / name for name in find_sites(SITES)]
+        folders = [sites / name for name in find_sites(sites)]
     return DDPSpec(
         data=tuple(folders),
         out=out,

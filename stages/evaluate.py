@@ -2,6 +2,9 @@
 
 import shutil
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from fedcxr.config import Params
 from fedcxr.evaluation.evaluate import (
@@ -9,24 +12,26 @@ from fedcxr.evaluation.evaluate import (
     write_gradcam,
     write_roc,
 )
-from fedcxr.stageio import run_stage, write_json
+from fedcxr.stageio import stage_cli, write_json
 from fedcxr.train.loop import pick_device
 
-MODELS = Path("models")
-TEST = Path("data/test")
-SITES = Path("data/sites")
-METRICS = Path("reports/metrics.json")
-EFFICIENCY = Path("reports/efficiency.json")
-ROC = Path("reports/plots/roc")  # <task>/<config>.csv
-FIGURES = Path("reports/figures")  # gradcam_<task>.png
 
-
-def main(params: Params) -> None:
+def main(
+    params: Params,
+    models: Annotated[Path, typer.Option(help="Folder of every training stage's run folders.")],
+    test: Annotated[Path, typer.Option(help="The held-out test set (partition's data/test).")],
+    sites: Annotated[Path, typer.Option(help="The site folders (for the sites' prevalences).")],
+    metrics: Annotated[Path, typer.Option(help="Where to write the metrics (JSON).")],
+    efficiency: Annotated[Path, typer.Option(help="Where to write the costs (JSON).")],
+    roc: Annotated[Path, typer.Option(help="Folder for the ROC curves: <task>/<config>.csv.")],
+    figures: Annotated[Path, typer.Option(help="Folder for the Grad-CAM panels.")],
+) -> None:
+    """Every trained model on the held-out test set: AUROC with CIs, comparisons, costs."""
     device = pick_device()
     result = evaluate_all(
-        MODELS,
-        TEST,
-        SITES,
+        models,
+        test,
+        sites,
         batch_size=params.train.batch_size,
         num_workers=params.train.num_workers,
         seed=params.seed,
@@ -34,14 +39,14 @@ def main(params: Params) -> None:
         threshold_rule=params.evaluate.threshold_rule,
         device=device,
     )
-    for folder in (ROC, FIGURES):  # no curve or panel left over from a configuration now gone
+    for folder in (roc, figures):  # no curve or panel left over from a configuration now gone
         shutil.rmtree(folder, ignore_errors=True)
-    write_json(METRICS, result.metrics)
-    write_json(EFFICIENCY, result.efficiency)
-    write_roc(result.roc, ROC)
-    FIGURES.mkdir(parents=True, exist_ok=True)
+    write_json(metrics, result.metrics)
+    write_json(efficiency, result.efficiency)
+    write_roc(result.roc, roc)
+    figures.mkdir(parents=True, exist_ok=True)
     for task, plan in sorted(result.gradcam.items()):
-        write_gradcam(plan, TEST, FIGURES / f"gradcam_{task}.png", device)
+        write_gradcam(plan, test, figures / f"gradcam_{task}.png", device)
     for config, per_task in sorted(result.metrics.items()):
         if config == "comparisons":
             continue
@@ -52,8 +57,8 @@ def main(params: Params) -> None:
                 f"evaluate: {config}/{task}: AUROC {m['auroc_macro']:.3f} (95% CI {ci}), "
                 f"{m['n_seeds']} seed(s)"
             )
-    print(f"evaluate: -> {METRICS}, {EFFICIENCY}, {ROC}, {FIGURES}")
+    print(f"evaluate: -> {metrics}, {efficiency}, {roc}, {figures}")
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    stage_cli("evaluate", main)

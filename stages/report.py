@@ -2,14 +2,16 @@
 
 import shutil
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from fedcxr.config import Params
-from fedcxr.report import ReportPaths, RunContext, render_report
-from fedcxr.stageio import run_stage
+from fedcxr.report.inputs import ReportPaths, RunContext
+from fedcxr.report.render import render_report
+from fedcxr.stageio import stage_cli
 
-OUT_MD = Path("reports/report.md")
-OUT_HTML = Path("reports/report.html")
-FIGURES = Path("reports/report_figures")  # PNGs the Markdown links; the HTML embeds them
+Input = Annotated[Path, typer.Option(help="An input of the report (see dvc.yaml).")]
 
 
 def context_from(params: Params) -> RunContext:
@@ -28,27 +30,51 @@ def context_from(params: Params) -> RunContext:
     )
 
 
-def paths_for(params: Params) -> ReportPaths:
-    """Per-round curves and epsilon come from the first (task, seed) of the study matrix:
-    the DP federation's when dp.enabled, otherwise the plain one's."""
+def federation_of(params: Params, train: Path, live: Path) -> tuple[Path, Path]:
+    """The summary and DVCLive curves the report shows per round: the first (task, seed) of
+    the study matrix, the DP federation's when dp.enabled, otherwise the plain one's."""
     family = "federated_dp" if params.dp.enabled else "federated"
     tag = f"{params.study.tasks[0]}-s{params.train.seeds[0]}"
-    return ReportPaths(
-        live_dir=Path("reports/live") / family / tag / "plots" / "metrics",
-        federated=Path("reports/train") / family / f"{tag}.json",
+    return train / family / f"{tag}.json", live / family / tag / "plots" / "metrics"
+
+
+def main(
+    params: Params,
+    metrics: Input,
+    efficiency: Input,
+    roc: Input,
+    gradcam: Input,
+    train: Annotated[Path, typer.Option(help="The federations' summaries (<family>/*.json).")],
+    live: Annotated[Path, typer.Option(help="The federations' DVCLive folders.")],
+    partition: Input,
+    deid: Input,
+    ingest: Input,
+    markdown: Annotated[Path, typer.Option(help="Where to write the Markdown report.")],
+    html: Annotated[Path, typer.Option(help="Where to write the self-contained HTML report.")],
+    figures: Annotated[Path, typer.Option(help="Folder for the PNGs the Markdown links.")],
+) -> None:
+    """The study report, laid out like the paper's tables, from the pipeline's metrics."""
+    federated, live_dir = federation_of(params, train, live)
+    paths = ReportPaths(
+        metrics=metrics,
+        efficiency=efficiency,
+        roc_dir=roc,
+        live_dir=live_dir,
+        federated=federated,
+        partition=partition,
+        deid=deid,
+        ingest=ingest,
+        gradcam_dir=gradcam,
     )
-
-
-def main(params: Params) -> None:
-    shutil.rmtree(FIGURES, ignore_errors=True)  # no figure left over from an earlier run
-    result = render_report(paths_for(params), OUT_MD, OUT_HTML, FIGURES, context_from(params))
+    shutil.rmtree(figures, ignore_errors=True)  # no figure left over from an earlier run
+    result = render_report(paths, markdown, html, figures, context_from(params))
     if result.absent:
         print("report: inputs not found (noted in the report): " + ", ".join(result.absent))
     print(
         f"report: {len(result.figures)} figures -> {result.markdown}, {result.html} "
-        f"(self-contained), {FIGURES}"
+        f"(self-contained), {figures}"
     )
 
 
 if __name__ == "__main__":
-    run_stage("report", main)
+    stage_cli("report", main)

@@ -1,30 +1,33 @@
 """DVC stage `resize`: decode each image once into resize.size x resize.size uint8 shards."""
 
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
+import typer
 
 from fedcxr.config import Params
 from fedcxr.resize import resize_all
 from fedcxr.sources import source_root
-from fedcxr.stageio import run_stage
-
-MANIFEST = Path("data/ingest/manifest.csv")
-METADATA = Path("data/deid/metadata.csv")
-OUT = Path("data/resized")
+from fedcxr.stageio import stage_cli
 
 
-def main(params: Params) -> None:
-    manifest = pd.read_csv(MANIFEST, dtype=str, keep_default_na=False)
-    metadata = pd.read_csv(METADATA, dtype={"image_id": str, "patient_id": str})
-    summary = resize_all(
-        source_root(params.data.source, params.data.nih_dir), manifest, metadata, params.resize, OUT
-    )
+def main(
+    params: Params,
+    manifest: Annotated[Path, typer.Option(help="ingest's manifest.csv.")],
+    metadata: Annotated[Path, typer.Option(help="deid's metadata.csv.")],
+    out: Annotated[Path, typer.Option(help="Folder for the resized uint8 shards.")],
+) -> None:
+    """Decode each image once, resized to resize.size x resize.size, into shards."""
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    meta = pd.read_csv(metadata, dtype={"image_id": str, "patient_id": str})
+    root = source_root(params.data.source, params.data.nih_dir)
+    summary = resize_all(root, table, meta, params.resize, out)
     print(
         f"resize: {summary['images']} images at {summary['size']}px in "
-        f"{len(summary['shards'])} shard(s) -> {OUT}"
+        f"{len(summary['shards'])} shard(s) -> {out}"
     )
 
 
 if __name__ == "__main__":
-    run_stage("resize", main)
+    stage_cli("resize", main)

@@ -1,21 +1,26 @@
 """DVC stage `synthesize`: the embedded default NIH-format folder (a stub when source=nih)."""
 
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from fedcxr.config import Params
-from fedcxr.stageio import run_stage
+from fedcxr.stageio import stage_cli
 from fedcxr.synthesize import synthesize, write_placeholder
 
-OUT = Path("data/raw/synthetic")
 
-
-def main(params: Params) -> None:
+def main(
+    params: Params,
+    out: Annotated[Path, typer.Option(help="The NIH-format folder to write.")],
+) -> None:
+    """Write data.synthetic.n_images synthetic chest X-rays with real NIH metadata rows."""
     if params.data.source == "nih":
-        write_placeholder(OUT, params.data.nih_dir)
+        write_placeholder(out, params.data.nih_dir)
         return
-    summary = synthesize(OUT, params.data.synthetic, params.seed)
-    print(f"synthesize: {summary['images']} images of {summary['patients']} patients -> {OUT}")
+    summary = synthesize(out, params.data.synthetic, params.seed)
+    print(f"synthesize: {summary['images']} images of {summary['patients']} patients -> {out}")
 
 
 if __name__ == "__main__":
-    run_stage("synthesize", main)
+    stage_cli("synthesize", main)

@@ -4,26 +4,26 @@ train.ddp_world_size processes (auto: one per CUDA GPU, or 2 with gloo on CPU), 
 import json
 import shutil
 
-from _common import MODELS, matrix_entry, pooled_spec
+from _common import Out, Seed, Sites, Task, matrix_entry, pooled_spec
 
 from fedcxr.config import ConfigError, Params
-from fedcxr.runs import CARD, run_dir
-from fedcxr.stageio import run_stage, write_json
-from fedcxr.train.ddp import METRICS, TIMINGS, launch_ddp, machine_world_size, torchrun_command
+from fedcxr.runs import CARD
+from fedcxr.stageio import stage_cli, write_json
+from fedcxr.train.ddp import METRICS, TIMINGS, check_world_size, launch_ddp, machine_world_size
 from fedcxr.train.pooled import spec_card
 
 PARAMS = "params.yaml"
 
 
-def main(params: Params) -> None:
-    params = matrix_entry(params, __doc__)
+def main(params: Params, task: Task, seed: Seed, sites: Sites, out: Out) -> None:
+    """Train one model on every site's training data pooled, with DDP over W processes."""
+    params = matrix_entry(params, task, seed)
     try:  # refused before anything is removed
         world = machine_world_size(params.train.ddp_world_size)
     except ConfigError as exc:
         raise ConfigError(f"invalid configuration in {PARAMS}: {exc}") from None
-    out = run_dir(MODELS, "centralized", params.task, params.seed)
-    spec = pooled_spec(params, out)
-    torchrun_command(world, spec)  # the same check launch_ddp makes (batch splits evenly)
+    spec = pooled_spec(params, sites, out)
+    check_world_size(world, spec)  # the same check launch_ddp makes (batch splits evenly)
     shutil.rmtree(out, ignore_errors=True)
     launch_ddp(world, spec)
     metrics = json.loads((out / METRICS).read_text())
@@ -46,4 +46,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_centralized", main, PARAMS)
+    stage_cli("train_centralized", main, PARAMS)

@@ -7,62 +7,47 @@ checkpoint or an audit log found nowhere else: it is moved to runs-archive/ (see
 fedcxr.runs.set_aside) and the stage prints where. Params are checked before anything is moved.
 """
 
-import hashlib
 import shutil
-import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
-from _common import MODELS, SITES, matrix_entry
+import typer
+from _common import Out, Seed, Sites, Task, matrix_entry
 from dvclive import Live
 
-from fedcxr.checkpoint import load_checkpoint
 from fedcxr.config import Params
-from fedcxr.federation.runner import (
-    CHECKPOINT,
-    PARAMS,
-    changed_training_keys,
-    run_federation,
-)
+from fedcxr.federation.records import RunResult, RunSummary
+from fedcxr.federation.runner import CHECKPOINT, run_federation, why_not_resumable
 from fedcxr.federation.summary import AUDIT
-from fedcxr.runs import ARCHIVE, CARD, RunCard, run_dir, set_aside
+from fedcxr.runs import ARCHIVE, CARD, RunCard, in_dvc_cache, set_aside
 from fedcxr.sitedata import find_sites
-from fedcxr.stageio import run_stage, write_json
-
-PKI = Path("pki")  # certificates and keys: kept out of git (.gitignore) and DVC
-REPORTS = Path("reports/train")
-LIVE = Path("reports/live")
+from fedcxr.stageio import stage_cli, write_json
 
 
-def _log_rounds(summary: dict, live_dir: Path) -> None:
+def _log_rounds(summary: RunSummary, live_dir: Path) -> None:
     """Per-round curves through DVCLive (declared in the root dvc.yaml; dvcyaml=False)."""
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        for record in summary["per_round"]:
-            live.log_metric("val_auroc", record["val_auroc"])
-            live.log_metric("train_loss", record["train_loss"])
-            for site, s in sorted(record["sites"].items()):
-                for key in (
-                    "val_auroc",
-                    "train_loss",
-                    "bytes_to_site",
-                    "bytes_from_site",
-                    "epsilon",
-                ):
-                    if s.get(key) is not None:
-                        live.log_metric(f"{site}/{key}", s[key])
+        for record in summary.rounds:
+            live.log_metric("val_auroc", record.val_auroc)
+            live.log_metric("train_loss", record.train_loss)
+            for site, o in record.sites.items():
+                values = {
+                    "val_auroc": o.val_auroc,
+                    "train_loss": o.train_loss,
+                    "bytes_to_site": o.bytes_to_site,
+                    "bytes_from_site": o.bytes_from_site,
+                    "epsilon": o.epsilon,
+                }
+                for key, value in values.items():
+                    if value is not None:
+                        live.log_metric(f"{site}/{key}", value)
             live.next_step()
 
 
-def run_card(summary: dict, params: Params, family: str) -> RunCard:
+def run_card(result: RunResult, params: Params, family: str) -> RunCard:
     """Table 3 figures of a federation: per-site epoch time, bytes on the wire, epsilon."""
-    rounds = summary["per_round"]
-    last = rounds[-1]["sites"] if rounds else {}
-    seconds = [
-        s["epoch_seconds"] for r in rounds for s in r["sites"].values() if s.get("epoch_seconds")
-    ]
-    wire = sum(
-        s["bytes_to_site"] + s["bytes_from_site"] for r in rounds for s in r["sites"].values()
-    )
+    summary, seconds = result.summary, result.timings.epoch_seconds()
+    last = summary.rounds[-1].sites if summary.rounds else {}
     return RunCard(
         config=family,
         task=params.task,
@@ -72,49 +57,15 @@ def run_card(summary: dict, params: Params, family: str) -> RunCard:
         image_size=params.train.image_size,
         epochs=params.fl.rounds * params.fl.local_epochs,
         time_per_epoch_s=sum(seconds) / len(seconds) if seconds else 0.0,
-        train_wall_s=summary["wall_s"],
-        comm_bytes=int(wire),
+        train_wall_s=result.timings.wall_s,
+        comm_bytes=summary.wire_bytes(),
         comm_kind="grpc_wire",
-        world_size=len(summary["sites"]),
-        n_train=int(sum(s["n_k"] for s in last.values())),
-        sites=tuple(summary["sites"]),
-        epsilon={k: s["epsilon"] for k, s in last.items() if s.get("epsilon") is not None},
+        world_size=len(summary.sites),
+        n_train=sum(o.n_k for o in last.values()),
+        sites=summary.sites,
+        epsilon={k: o.epsilon for k, o in last.items() if o.epsilon is not None},
         extra={"rounds": params.fl.rounds, "local_epochs": params.fl.local_epochs},
     )
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def in_dvc_cache() -> Callable[[Path], bool]:
-    """Whether a file's content is an object of this repository's DVC cache (by MD5), so that
-    `dvc checkout` can restore it. Outside a DVC repository nothing is."""
-    try:
-        from dvc.repo import Repo
-
-        cache = Repo(".").cache.local
-    except Exception:  # not a DVC repository, or DVC unusable: keep everything
-        return lambda path: False
-    return lambda path: Path(cache.oid_to_path(_md5(path))).is_file()
-
-
-def previous_run(params: Params, out: Path) -> str | None:
-    """Why the run in `out` cannot be continued; None when there is none or it can resume."""
-    if not out.exists() or not any(out.iterdir()):
-        return None
-    if not (out / PARAMS).is_file():
-        return f"{out} holds no federation run ({PARAMS} missing)"
-    changed = changed_training_keys(params, out)
-    if changed:
-        return f"params changed ({', '.join(changed)})"
-    if (out / CHECKPOINT).exists() and load_checkpoint(out / CHECKPOINT).round >= params.fl.rounds:
-        return "previous run finished"
-    return None
 
 
 def clear_run(out: Path, family: str, tag: str, why: str) -> None:
@@ -131,52 +82,58 @@ def clear_run(out: Path, family: str, tag: str, why: str) -> None:
         print(f"{family} {tag}: {why}: previous outputs removed (nothing that DVC cannot restore)")
 
 
-def main(params: Params) -> None:
-    params = matrix_entry(params, __doc__)
-    family = "federated_dp" if "--dp" in sys.argv else "federated"
-    out = run_dir(MODELS, family, params.task, params.seed)
+def main(
+    params: Params,
+    task: Task,
+    seed: Seed,
+    sites: Sites,
+    out: Out,
+    report: Annotated[
+        Path, typer.Option(help="The run's summary (JSON, no seconds: comparable between runs).")
+    ],
+    live: Annotated[Path, typer.Option(help="DVCLive folder for the per-round curves.")],
+    pki: Annotated[
+        Path, typer.Option(help="Certificates and keys (created if missing; kept out of git).")
+    ],
+    dp: Annotated[bool, typer.Option("--dp", help="The differentially private run.")] = False,
+) -> None:
+    """One federation of the study matrix: an aggregator and one site process per site."""
+    params = matrix_entry(params, task, seed)
+    family = "federated_dp" if dp else "federated"
     tag = f"{params.task}-s{params.seed}"
-    report, live_dir = REPORTS / family / f"{tag}.json", LIVE / family / tag
-    if family == "federated_dp" and not params.dp.enabled:
+    if dp and not params.dp.enabled:
         if out.exists():
             clear_run(out, family, tag, "dp.enabled is false")
         out.mkdir(parents=True)
         (out / "SKIPPED").write_text("dp.enabled is false: no differentially private run\n")
         write_json(report, {"skipped": "dp.enabled is false"})
-        shutil.rmtree(live_dir, ignore_errors=True)
-        (live_dir / "plots" / "metrics").mkdir(parents=True)
-        write_json(live_dir / "metrics.json", {})
+        shutil.rmtree(live, ignore_errors=True)
+        (live / "plots" / "metrics").mkdir(parents=True)
+        write_json(live / "metrics.json", {})
         print(f"train_federated_dp: dp.enabled is false, nothing to train ({tag})")
         return
-    params = params.model_copy(
-        update={"dp": params.dp.model_copy(update={"enabled": family == "federated_dp"})}
-    )
-    find_sites(SITES)  # no data: fail before touching the outputs
+    params = params.model_copy(update={"dp": params.dp.model_copy(update={"enabled": dp})})
+    find_sites(sites)  # no data: fail before touching the outputs
     # The output persists so that a killed run resumes from its last completed round. DVC
     # reruns a finished stage only when a parameter or the code changed: then start afresh.
-    why = previous_run(params, out)
+    why = why_not_resumable(params, out)
     if why is not None:
         clear_run(out, family, tag, why)
         print(f"{family} {tag}: starting a new federation")
     elif (out / CHECKPOINT).exists():
         print(f"{family} {tag}: resuming an interrupted federation")
-    summary = run_federation(params, SITES, out, PKI, resume=True)
-    card = run_card(summary, params, family)
+    result = run_federation(params, sites, out, pki, resume=True)
+    card = run_card(result, params, family)
     write_json(out / CARD, card.to_json())
-    for record in summary["per_round"]:  # seconds are in the run card, not in this summary
-        record.pop("wall_s")
-        for site in record["sites"].values():
-            site.pop("epoch_seconds", None)
-    summary["wall_s"] = None  # timings live in the run card; this file stays comparable
-    summary.pop("audit_last_hash")  # audit entries carry timestamps
-    write_json(report, summary)
-    shutil.rmtree(live_dir, ignore_errors=True)
-    _log_rounds(summary, live_dir)
+    write_json(report, result.summary.to_json())  # no seconds: comparable between runs
+    shutil.rmtree(live, ignore_errors=True)
+    _log_rounds(result.summary, live)
     print(
-        f"{family} {tag}: {summary['rounds']} rounds over {len(summary['sites'])} sites, "
-        f"validation AUROC {summary['final_val_auroc']}, {card.train_wall_s:.1f}s -> {out}"
+        f"{family} {tag}: {len(result.summary.rounds)} rounds over {len(result.summary.sites)} "
+        f"sites, validation AUROC {result.summary.final_val_auroc}, {card.train_wall_s:.1f}s "
+        f"-> {out}"
     )
 
 
 if __name__ == "__main__":
-    run_stage("train_federated", main)
+    stage_cli("train_federated", main)

@@ -2,19 +2,18 @@
 
 import shutil
 
-from _common import MODELS, matrix_entry, pooled_spec
+from _common import Out, Seed, Sites, Task, matrix_entry, pooled_spec
 
 from fedcxr.config import Params
-from fedcxr.runs import run_dir
-from fedcxr.stageio import run_stage
+from fedcxr.stageio import stage_cli
 from fedcxr.train.pooled import train_pooled
 
 
-def main(params: Params) -> None:
-    params = matrix_entry(params, __doc__)
-    out = run_dir(MODELS, "single_node", params.task, params.seed)
+def main(params: Params, task: Task, seed: Seed, sites: Sites, out: Out) -> None:
+    """Train one model on every site's training data pooled, in one process."""
+    params = matrix_entry(params, task, seed)
     shutil.rmtree(out, ignore_errors=True)
-    card = train_pooled(pooled_spec(params, out), "single_node")
+    card = train_pooled(pooled_spec(params, sites, out), "single_node")
     print(
         f"train_single_node: {card.task} seed {card.seed}: {card.epochs} epochs on "
         f"{card.n_train} images, {card.time_per_epoch_s:.1f}s/epoch -> {out}"
@@ -22,4 +21,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_single_node", main)
+    stage_cli("train_single_node", main)

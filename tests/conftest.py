@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from nihfolder import SECRET_ENV, make_nih_folder
+from stagecmd import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages"
@@ -39,7 +39,7 @@ def run_stage(
     full_env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, str(STAGES / f"{name}.py")],
+        stage_argv(name),
         cwd=workdir,
         env=full_env,
         capture_output=True,

@@ -9,8 +9,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from stagecmd import stage_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = Path(__file__).resolve().parent / "fixtures" / "drift"
@@ -25,7 +26,7 @@ def run_data_stages(work: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCXR_")}
     for stage in STAGES:
         done = subprocess.run(
-            [sys.executable, str(ROOT / "stages" / f"{stage}.py")],
+            stage_argv(stage),
             cwd=work,
             env=env,
             capture_output=True,

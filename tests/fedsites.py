@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from stagecmd import stage_argv
 
 from fedcxr.labels import FINDINGS
 from fedcxr.sitedata import INDEX_COLUMNS
@@ -100,9 +100,8 @@ def run_dir(workdir: Path, dp: bool = False) -> Path:
 
 
 def stage_cmd(dp: bool = False) -> list[str]:
-    return [sys.executable, str(STAGE), "--task", TASK, "--seed", str(SEED)] + (
-        ["--dp"] if dp else []
-    )
+    """The stage's command as dvc.yaml runs it, for this module's task and seed."""
+    return stage_argv("train_federated_dp" if dp else "train_federated", task=TASK, seed=SEED)
 
 
 def run_stage(workdir: Path, dp: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 
 from fedcxr.checkpoint import load_checkpoint, save_checkpoint
 from fedcxr.federation.audit import AuditLog, verify
-from fedcxr.runs import RunCard, archive_name, read_run, set_aside, write_run
+from fedcxr.runs import RunCard, archive_name, in_dvc_cache, read_run, set_aside, write_run
 from fedcxr.stageio import atomic_path, unshare, write_json, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,18 +235,11 @@ def test_archive_name_needs_an_aware_time() -> None:
 def test_stage_counts_only_dvc_cache_objects_as_kept_elsewhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.syspath_prepend(str(REPO / "stages"))
-    spec = importlib.util.spec_from_file_location(
-        "stage_train_federated", REPO / "stages" / "train_federated.py"
-    )
-    assert spec is not None and spec.loader is not None
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "audit.jsonl").write_text("{}\n")
     monkeypatch.chdir(outside)
-    assert stage.in_dvc_cache()(outside / "audit.jsonl") is False  # not a DVC repository
+    assert in_dvc_cache()(outside / "audit.jsonl") is False  # not a DVC repository
     repo = tmp_path / "repo"
     repo.mkdir()
     dvc(repo, "init", "--no-scm", "-q")
@@ -255,6 +247,6 @@ def test_stage_counts_only_dvc_cache_objects_as_kept_elsewhere(
     (repo / "new.jsonl").write_text("two\n")
     dvc(repo, "add", "added.jsonl")
     monkeypatch.chdir(repo)
-    cached = stage.in_dvc_cache()
+    cached = in_dvc_cache()
     assert cached(repo / "added.jsonl") is True
     assert cached(repo / "new.jsonl") is False

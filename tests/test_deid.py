@@ -24,11 +24,11 @@ from fedcxr.deid import (
     DeidError,
     Secret,
     deidentify,
-    phi_reasons,
     pseudonym,
     resolve_secret,
 )
 from fedcxr.ingest import ingest
+from fedcxr.phiscan import phi_reasons
 
 FAIL = DeidConfig(on_violation="fail")
 SCRUB = DeidConfig(on_violation="scrub")
@@ -509,7 +509,12 @@ def test_stage_console_summary_warns_of_impossible_ages(
     manifest.to_csv(workdir / "data/ingest/manifest.csv", index=False)
     monkeypatch.chdir(workdir)
     monkeypatch.setenv(SECRET_ENV, TEST_SECRET)
-    _stage_module("deid").main(params)
+    _stage_module("deid").main(
+        params,
+        manifest=Path("data/ingest/manifest.csv"),
+        out=Path("data/deid"),
+        report=Path("reports/deid.json"),
+    )
 
     out = capsys.readouterr().out
     assert "0 violation(s), 3 warning(s), passed=True" in out

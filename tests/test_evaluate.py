@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 from scipy.stats import ttest_rel
 from sklearn.metrics import roc_auc_score, roc_curve
+from stagecmd import stage_argv
 
 from fedcxr.evaluation import evaluate as ev
 from fedcxr.evaluation.bootstrap import (
@@ -46,7 +46,6 @@ from fedcxr.sitedata import INDEX_COLUMNS, SiteData
 from fedcxr.train.data import XrayDataset, make_loader
 from fedcxr.train.loop import predict
 
-STAGE = Path(__file__).resolve().parents[1] / "stages" / "evaluate.py"
 STORED = 32
 PNEU = FINDINGS.index("Pneumonia")
 VAL_A, VAL_B, N_TEST = 10, 12, 40  # distinct sizes: a threshold's input size names its split
@@ -434,7 +433,7 @@ def test_stage_writes_what_the_report_reads(world: Path, tmp_path: Path) -> None
         shutil.copytree(world / part, work / part)
     (work / "params.yaml").write_text("seed: 42\ntrain:\n  batch_size: 16\n")
     done = subprocess.run(
-        [sys.executable, str(STAGE)],
+        stage_argv("evaluate"),
         cwd=work,
         capture_output=True,
         text=True,

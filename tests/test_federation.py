@@ -193,22 +193,20 @@ def test_two_rounds_of_three_site_processes_average_by_n_k(full_run: dict[str, A
     assert ckpt.round == 2 and ckpt.meta["strategy"] == "fedavg"
     assert torch.equal(ckpt.state["w"], state.global_state()["w"])
     # Per-round records for the caller: metrics, bytes both ways, wall time.
-    assert (
-        [h["round"] for h in state.history] == [1, 2] == [h["round"] for h in ckpt.meta["history"]]
-    )
+    assert [h.round for h in state.history] == [1, 2] == [h["round"] for h in ckpt.meta["history"]]
     model_bytes = len(state_to_bytes(initial_state()))
+    assert [t.round for t in state.timings] == [1, 2] and all(t.wall_s >= 0 for t in state.timings)
     for h in state.history:
-        assert h["wall_s"] >= 0
         for site in SITES:
-            rec = h["sites"][site]
-            assert rec["accepted"] and rec["n_k"] == N_K[site]
-            assert rec["metrics"] == {"loss": 1.0 / h["round"], "site": site}
-            assert rec["bytes_sent"] == rec["bytes_received"] == model_bytes
+            rec = h.sites[site]
+            assert rec.accepted and rec.n_k == N_K[site]
+            assert rec.metrics == {"loss": 1.0 / h.round, "site": site}
+            assert rec.bytes_to_site == rec.bytes_from_site == model_bytes
     # Each site saw the global model of round r-1 (verified by SHA-256) and was accepted.
     for site_records in full_run["records"]:
         assert [r["round"] for r in site_records] == [1, 2]
         assert all(r["accepted"] for r in site_records)
-        assert site_records[1]["model_sha256"] == state.history[0]["model_sha256"]
+        assert site_records[1]["model_sha256"] == state.history[0].model_sha256
 
 
 def test_foreign_ca_and_unlisted_cn_cannot_join(pki_dir: Path, tmp_path: Path) -> None:
@@ -268,7 +266,7 @@ def test_bad_update_is_refused_and_round_goes_on(
     torch.testing.assert_close(state.global_state()["w"], want["w"].float(), rtol=0, atol=1e-6)
     assert results["site-c"][0]["accepted"] is False
     assert why in results["site-c"][0]["reason"]
-    assert state.history[0]["sites"]["site-c"]["accepted"] is False
+    assert state.history[0].sites["site-c"].accepted is False
 
 
 def test_killed_after_round_one_resumes_and_matches_uninterrupted_run(
@@ -285,7 +283,7 @@ def test_killed_after_round_one_resumes_and_matches_uninterrupted_run(
     assert second.round == 2
     run_with_processes(second, pki_dir, tmp_path)
     assert second.finished
-    assert [h["round"] for h in second.history] == [1, 2]
+    assert [h.round for h in second.history] == [1, 2]
     final, reference = second.global_state(), full_run["state"].global_state()
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 

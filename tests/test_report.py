@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fedcxr.models import MODELS, build_model
-from fedcxr.report import SECTIONS, ReportPaths, RunContext, fmt, render_report
+from fedcxr.report import fmt
 from fedcxr.report.gradcam import (
     TARGET_LAYERS,
     gradcam_panel,
@@ -23,7 +23,9 @@ from fedcxr.report.gradcam import (
     panel_figure,
     target_layer,
 )
+from fedcxr.report.inputs import ReportPaths, RunContext
 from fedcxr.report.reading import judge
+from fedcxr.report.render import SECTIONS, render_report
 from fedcxr.report.tables import config_label
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report"

@@ -29,6 +29,7 @@ from fedcxr.config import Params, load_params
 from fedcxr.federation import FederationError, runner
 from fedcxr.federation.audit import verify
 from fedcxr.federation.protocol import round_config
+from fedcxr.federation.records import RunResult
 from fedcxr.federation.runner import run_federation
 from fedcxr.federation.site_trainer import PrivacyBudgetExhausted, SiteTrainer
 from fedcxr.labels import FINDINGS
@@ -86,7 +87,7 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pki")
 
 
-def federate(tmp: Path, sites_dir: Path, pki_dir: Path, **dp: Any) -> tuple[dict, Path]:
+def federate(tmp: Path, sites_dir: Path, pki_dir: Path, **dp: Any) -> tuple[RunResult, Path]:
     params = tiny_params(tmp, **dp)
     out = tmp / "out"
     return run_federation(params, sites_dir, out, pki_dir, resume=False), out
@@ -99,22 +100,23 @@ def plain_runs(sites_dir: Path, pki_dir: Path, tmp_path_factory: pytest.TempPath
 
 @pytest.mark.slow  # plain_runs: two federations of three site processes (~1 min on 2 cores)
 def test_three_site_processes_two_rounds(plain_runs: list, sites_dir: Path, pki_dir: Path) -> None:
-    summary, out = plain_runs[0]
+    result, out = plain_runs[0]
+    summary = result.summary
     assert (out / "model.safetensors").is_file()
     history = json.loads((out / "history.json").read_text())
-    assert [h["round"] for h in history] == [1, 2] and summary["rounds"] == 2
+    assert [h["round"] for h in history] == [1, 2] and len(summary.rounds) == 2
     for record in history:
         assert sorted(record["sites"]) == list(SITES)
         for outcome in record["sites"].values():
             assert outcome["accepted"] and outcome["n_k"] == 16
             assert math.isfinite(outcome["metrics"]["train_loss"])
-            assert outcome["bytes_sent"] > 0 and outcome["bytes_received"] > 0
-    assert verify(out / "audit.jsonl").ok and summary["audit_ok"]
-    assert all(rnd["wall_s"] > 0 for rnd in summary["per_round"])
+            assert outcome["bytes_to_site"] > 0 and outcome["bytes_from_site"] > 0
+    assert verify(out / "audit.jsonl").ok and summary.audit_ok
+    assert all(rnd.wall_s > 0 for rnd in result.timings.rounds)
     # It learnt: the loss fell and the final global model ranks the held-out images right,
     # which the untrained initial model (what a no-op trainer would return) does not.
     params = load_params(out.parent / "params.yaml")
-    losses = [rnd["train_loss"] for rnd in summary["per_round"]]
+    losses = [rnd.train_loss for rnd in summary.rounds]
     assert losses[1] < 0.8 * losses[0], losses
     seed_everything(params.seed)  # as prepare_federation builds the initial model
     initial = build_model(params.model.arch, num_classes_for(params.task), False).state_dict()
@@ -123,7 +125,7 @@ def test_three_site_processes_two_rounds(plain_runs: list, sites_dir: Path, pki_
     assert pooled_val_auroc(final, params, sites_dir) >= LEARNT_AUROC
     # The resumed federation is already finished: no site is started, same model.
     again = run_federation(params, sites_dir, out, pki_dir, resume=True)
-    assert again["model_sha256"] == summary["model_sha256"]
+    assert again.summary.model_sha256 == summary.model_sha256
 
 
 @pytest.mark.slow  # plain_runs
@@ -132,7 +134,13 @@ def test_same_params_give_bit_identical_weights(plain_runs: list) -> None:
     a, b = load_file(out_a / "model.safetensors"), load_file(out_b / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert first["model_sha256"] == second["model_sha256"]
+    assert first.summary.model_sha256 == second.summary.model_sha256
+    # Everything but the seconds is reproducible: the summary, history.json and the checkpoint
+    # (whose metadata holds the history) are byte for byte the same; only timings.json differs.
+    assert first.summary.to_json() == second.summary.to_json()
+    for name in ("history.json", "checkpoint.safetensors", "model.safetensors"):
+        assert (out_a / name).read_bytes() == (out_b / name).read_bytes(), name
+    assert first.timings.rounds and first.timings.audit_last_hash != second.timings.audit_last_hash
 
 
 def expected_epsilon(
@@ -152,7 +160,7 @@ def expected_epsilon(
 
 @pytest.mark.slow  # a third federation (~35 s on 2 cores, mostly site-process start-up)
 def test_dp_epsilon_composes_across_rounds(sites_dir: Path, pki_dir: Path, tmp_path: Path) -> None:
-    summary, out = federate(tmp_path, sites_dir, pki_dir, noise_multiplier=1.0)
+    result, out = federate(tmp_path, sites_dir, pki_dir, noise_multiplier=1.0)
     params = load_params(tmp_path / "params.yaml")
     history = json.loads((out / "history.json").read_text())
     batch, local_epochs = params.train.batch_size, params.fl.local_epochs
@@ -166,7 +174,7 @@ def test_dp_epsilon_composes_across_rounds(sites_dir: Path, pki_dir: Path, tmp_p
         assert [m["epsilon"] for m in metrics] == pytest.approx(want, rel=1e-9), site
         assert [m["steps"] for m in metrics] == [2 * local_epochs] * 2
         assert [m["sample_rate"] for m in metrics] == [0.5, 0.5]
-        assert [r["sites"][site]["epsilon"] for r in summary["per_round"]] == pytest.approx(want)
+        assert [r.sites[site].epsilon for r in result.summary.rounds] == pytest.approx(want)
     events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     audited = {
         (e["site"], e["round"]): e["epsilon"] for e in events if e["event"] == "dp_accounting"

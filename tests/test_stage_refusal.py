@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stagecmd import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = sorted(p.stem for p in (REPO / "stages").glob("*.py") if not p.stem.startswith("_"))
 
 pytestmark = pytest.mark.slow  # imports every stage (torch included) in one subprocess
 
-# Runs each stage script as `python stages/<name>.py` would, in one process (imports are paid
-# once), with torch.cuda showing GPUS GPUs; prints {stage: [exit code, stderr]} as JSON.
+# Runs each stage script as its dvc.yaml `cmd` would, in one process (imports are paid once),
+# with torch.cuda showing GPUS GPUs; prints {stage: [exit code, stderr]} as JSON.
 HARNESS = """
 import contextlib, io, json, runpy, sys
 import torch
@@ -24,8 +25,8 @@ torch.cuda.device_count = lambda: GPUS
 stages = sys.argv[1]
 sys.path.insert(0, stages)
 results = {}
-for name in sys.argv[3:]:
-    sys.argv = [f"{stages}/{name}.py"]
+for name, argv in json.loads(sys.argv[3]).items():
+    sys.argv = argv
     err = io.StringIO()
     code = None
     with contextlib.redirect_stderr(err):
@@ -58,12 +59,14 @@ SENTINELS = (
 
 
 def _run(workdir: Path, stages: list[str], gpus: int = 0) -> dict[str, list]:
+    # A matrix stage runs its first entry: the one the sentinels above stand in.
+    argvs = {name: stage_argv(name, task="multilabel", seed=42)[1:] for name in stages}
     for rel in SENTINELS:
         path = workdir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"sentinel {rel}\n")
     result = subprocess.run(
-        [sys.executable, "-c", HARNESS, str(REPO / "stages"), str(gpus), *stages],
+        [sys.executable, "-c", HARNESS, str(REPO / "stages"), str(gpus), json.dumps(argvs)],
         cwd=workdir,
         capture_output=True,
         text=True,

@@ -13,18 +13,16 @@ import torch
 from fedcxr.federation.proto import fedcxr_pb2 as pb
 from fedcxr.federation.proto import fedcxr_pb2_grpc as pb_grpc
 from fedcxr.federation.transport import (
-    LazyState,
     TransferError,
     bytes_to_state,
     file_chunks,
-    file_sha256,
     from_chunks,
     receive_to_file,
     sha256_hex,
     state_to_bytes,
     to_chunks,
-    write_state_file,
 )
+from fedcxr.tensorfile import LazyState, TensorFileError, file_sha256, write_state_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +163,7 @@ def test_lazy_state_reads_each_tensor_exactly_and_rejects_damage(tmp_path: Path)
     (tmp_path / "junk.st").write_bytes(b"\x10" + b"\x00" * 7 + b"not json at all!")
     (tmp_path / "tiny.st").write_bytes(b"abc")
     for name, why in [("cut.st", "data ends"), ("junk.st", "not JSON"), ("tiny.st", "shorter")]:
-        with pytest.raises(TransferError, match=why):
+        with pytest.raises(TensorFileError, match=why):
             LazyState(tmp_path / name)
 
 

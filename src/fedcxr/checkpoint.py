@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from fedcxr.federation.transport import write_state_file
 from fedcxr.stageio import atomic_path
+from fedcxr.tensorfile import State, write_state_file
 
 META_KEY = "fedcxr"
 
@@ -23,12 +22,12 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    state: dict[str, torch.Tensor]
+    state: State
     round: int  # the last completed round (0 = initial model)
     meta: dict[str, Any]  # strategy state, config hash, per-site accountant history, ...
 
 
-def save_checkpoint(path: Path, state: dict[str, torch.Tensor], rnd: int, meta: dict) -> None:
+def save_checkpoint(path: Path, state: State, rnd: int, meta: dict) -> None:
     """Write to a new temporary file, fsync, then rename: a crash never leaves a half
     checkpoint, and a checkpoint hard-linked into the DVC cache is replaced, not overwritten."""
     payload = json.dumps({"round": rnd, **meta}, sort_keys=True)

@@ -180,17 +180,19 @@ def check_params(
     typer.echo(f"{path}: ok (centralized DDP baseline: {world} process(es) on this machine)")
 
 
-pki_app = typer.Typer(
-    help="The federation's PKI: a CA, the aggregator's server certificate, one client certificate "
+def _group(name: str, summary: str) -> typer.Typer:
+    """A command group `fedcxr <name> ...`, registered on `app`; bare, it prints its help."""
+    group = typer.Typer(help=summary, no_args_is_help=True)
+    app.add_typer(group, name=name)
+    return group
+
+
+pki_app = _group(
+    "pki",
+    "The federation's PKI: a CA, the aggregator's server certificate, one client certificate "
     "per site (ECDSA P-256, PEM files for grpc's mutual TLS). Keep the folder out of git and DVC.",
-    no_args_is_help=True,
 )
-app.add_typer(pki_app, name="pki")
-audit_app = typer.Typer(
-    help="The federation's append-only, hash-chained audit log (JSONL).",
-    no_args_is_help=True,
-)
-app.add_typer(audit_app, name="audit")
+audit_app = _group("audit", "The federation's append-only, hash-chained audit log (JSONL).")
 
 PkiDirOption = Annotated[Path, typer.Option("--dir", help="PKI folder holding ca.pem and ca.key.")]
 
@@ -210,7 +212,8 @@ def pki_init(
     ] = False,
 ) -> None:
     """Create the federation CA: ca.pem (certificate) and ca.key (private key, mode 0600)."""
-    from fedcxr.federation.pki import PkiError, fingerprint, init_ca
+    from fedcxr.federation.certs import fingerprint
+    from fedcxr.federation.pki import PkiError, init_ca
 
     try:
         files = init_ca(folder, name, days, force=force)
@@ -245,7 +248,8 @@ def pki_issue(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Issue a certificate and key signed by the CA in --dir: <name>.pem and <name>.key (0600)."""
-    from fedcxr.federation.pki import PkiError, describe, issue
+    from fedcxr.federation.certs import describe
+    from fedcxr.federation.pki import PkiError, issue
 
     try:
         files = issue(folder, common_name, role, host or (), days, out=out, force=force)
@@ -269,7 +273,8 @@ def pki_show(
     """Print a certificate's common name, fingerprint, validity and issuer; check its chain."""
     import datetime as dt
 
-    from fedcxr.federation.pki import CA_CERT, PkiError, describe, verify_chain
+    from fedcxr.federation.certs import describe, verify_chain
+    from fedcxr.federation.pki import CA_CERT, PkiError
 
     try:
         pem = cert.read_bytes()
@@ -319,16 +324,13 @@ def audit_verify(
     typer.echo(f"last hash: {result.last_hash}")
 
 
-aggregator_app = typer.Typer(
-    help="The federation's aggregator (gRPC server, mutual TLS): serve the rounds to the sites.",
-    no_args_is_help=True,
+aggregator_app = _group(
+    "aggregator",
+    "The federation's aggregator (gRPC server, mutual TLS): serve the rounds to the sites.",
 )
-app.add_typer(aggregator_app, name="aggregator")
-site_app = typer.Typer(
-    help="A hospital's site worker: dials out to the aggregator and trains on local data only.",
-    no_args_is_help=True,
+site_app = _group(
+    "site", "A hospital's site worker: dials out to the aggregator and trains on local data only."
 )
-app.add_typer(site_app, name="site")
 
 
 @aggregator_app.command("serve")
@@ -358,7 +360,7 @@ def aggregator_serve(
 
     Issues any missing certificates in --pki (hand each site its <site>.pem, <site>.key and
     ca.pem), listens until fl.rounds rounds are done, then writes model.safetensors,
-    history.json and summary.json in --out.
+    history.json, timings.json and summary.json in --out.
     """
     from fedcxr.federation.pki import PkiError
     from fedcxr.federation.protocol import FederationError
@@ -372,14 +374,14 @@ def aggregator_serve(
         typer.echo(f"aggregator listening on port {bound} for sites {names}")
 
     try:
-        summary = serve_aggregator(
+        result = serve_aggregator(
             _params(params), names, out, pki, resume=resume, host=host, port=port, on_ready=ready
         )
     except (FederationError, PkiError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    write_json(out / "summary.json", summary)
-    typer.echo(f"{summary['rounds']} rounds done -> {out}")
+    write_json(out / "summary.json", result.to_json())
+    typer.echo(f"{len(result.summary.rounds)} rounds done -> {out} ({result.timings.wall_s:.1f}s)")
 
 
 @site_app.command("run")

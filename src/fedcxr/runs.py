@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -24,13 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 
-from fedcxr.federation.transport import write_state_file
 from fedcxr.stageio import atomic_path, unshare, write_text_atomic
+from fedcxr.tensorfile import MODEL, State, write_state_file
 
-MODEL = "model.safetensors"
 CARD = "run.json"
 FAMILIES = ("federated", "federated_dp", "single_node", "centralized", "local")
 COMM_KINDS = ("grpc_wire", "allreduce", "none")
@@ -86,7 +85,7 @@ def run_dir(models: Path, family: str, task: str, seed: int, site: str | None = 
     return base / site if site is not None else base
 
 
-def write_run(folder: Path, state: dict[str, torch.Tensor], card: RunCard) -> None:
+def write_run(folder: Path, state: State, card: RunCard) -> None:
     """The model and its run card, each written to a new file renamed over the old one."""
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / MODEL) as tmp:
@@ -101,7 +100,7 @@ def read_card(folder: Path) -> RunCard:
     return RunCard.from_json(json.loads(path.read_text()), str(path))
 
 
-def read_run(folder: Path) -> tuple[dict[str, torch.Tensor], RunCard]:
+def read_run(folder: Path) -> tuple[State, RunCard]:
     card = read_card(folder)
     path = Path(folder) / MODEL
     if not path.is_file():
@@ -169,3 +168,24 @@ def set_aside(
     for link in [p for p in target.rglob("*") if p.is_symlink() and p.is_file()]:
         unshare(link)
     return target
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def in_dvc_cache(repo: Path = Path(".")) -> Callable[[Path], bool]:
+    """Whether a file's content is an object of this repository's DVC cache (by MD5), so that
+    `dvc checkout` can restore it: the `elsewhere` of set_aside. Outside a DVC repository
+    nothing is."""
+    try:
+        from dvc.repo import Repo
+
+        cache = Repo(str(repo)).cache.local
+    except Exception:  # not a DVC repository, or DVC unusable: keep everything
+        return lambda path: False
+    return lambda path: Path(cache.oid_to_path(_md5(path))).is_file()

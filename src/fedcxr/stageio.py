@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import typer
 from pydantic import BaseModel
 
 from fedcxr.config import ConfigError, Params, load_params
@@ -103,6 +106,26 @@ def run_stage(name: str, body: Callable[[Params], None], params_path: str = "par
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"\n[{name}] failed: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def stage_cli(name: str, body: Callable[..., None], params_path: str = "params.yaml") -> None:
+    """Run a stage script's `body(params, **options)` as a typer command.
+
+    The options (paths and matrix entries) come from the `cmd` line in dvc.yaml; typer builds
+    `--help` from the body's signature and docstring, leaving out its first parameter, which
+    receives the loaded params.yaml. Expected errors end as one clear message (exit code 1).
+    """
+    signature = inspect.signature(body)
+    options = list(signature.parameters.values())[1:]
+
+    @functools.wraps(body)
+    def command(**kwargs: Any) -> None:
+        run_stage(name, lambda params: body(params, **kwargs), params_path)
+
+    command.__signature__ = signature.replace(parameters=options)  # type: ignore[attr-defined]
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command(name=name)(command)
+    app(prog_name=f"stages/{name}.py")
 
 
 def resolved(*sections: BaseModel) -> dict[str, Any]:

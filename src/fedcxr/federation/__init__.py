@@ -11,8 +11,8 @@ if TYPE_CHECKING:
     from fedcxr.federation.site import run_site
     from fedcxr.federation.state import FederationState
 
-# Resolved on first use: fedcxr.checkpoint imports fedcxr.federation.transport, and loading the
-# state machine here (which imports fedcxr.checkpoint) would make that import circular.
+# Resolved on first use, so that importing one light module of the package (records, pki,
+# audit) does not load gRPC, torch and the state machine.
 _EXPORTS = {
     "FederationError": "fedcxr.federation.protocol",
     "FederationServicer": "fedcxr.federation.server",

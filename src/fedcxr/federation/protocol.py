@@ -7,13 +7,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import torch
 
 if TYPE_CHECKING:
     from fedcxr.config import Params
     from fedcxr.federation.pki import TlsBundle
 
-State = dict[str, torch.Tensor]
 
 # Both ends ping every 30 s on idle connections (long local rounds, NAT/firewall idle timeouts);
 # the server accepts pings as often as every 10 s, so the clients' pings never count as strikes.

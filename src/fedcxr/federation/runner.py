@@ -11,18 +11,21 @@ from typing import Any
 
 import yaml
 
+from fedcxr.checkpoint import load_checkpoint
 from fedcxr.config import Params
 from fedcxr.federation import audit as ev
 from fedcxr.federation.audit import AuditLog
 from fedcxr.federation.pki import CA_CERT, ensure_federation, load_bundle
-from fedcxr.federation.protocol import FederationError, State, round_config
+from fedcxr.federation.protocol import FederationError, round_config
+from fedcxr.federation.records import RunResult
+from fedcxr.federation.resume import resuming
 from fedcxr.federation.server import run_aggregator, serve
 from fedcxr.federation.state import FederationState
-from fedcxr.federation.strategies import get_strategy
 from fedcxr.federation.summary import AUDIT, summarize
-from fedcxr.models import MODELS, build_model, num_classes_for
+from fedcxr.models import build_model, num_classes_for
 from fedcxr.sitedata import find_sites
 from fedcxr.stageio import unshare, write_text_atomic
+from fedcxr.tensorfile import State
 from fedcxr.train.loop import plain_state_dict, seed_everything
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -36,17 +39,6 @@ _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 # Site processes get at least this long to start (import torch, open their data) and join:
 # start-up time says nothing about a round, so it is not held to fl.round_timeout_s.
 JOIN_TIMEOUT_S = 600.0
-
-
-def check_names(params: Params) -> None:
-    """Every registry name the federation resolves exists (model.arch, fl.strategy): call it
-    before touching any output, so a typo never costs a run."""
-    if params.model.arch not in MODELS:
-        raise ValueError(
-            f"unknown model.arch {params.model.arch!r}; expected one of the registered models "
-            f"{sorted(MODELS)}"
-        )
-    get_strategy(params.fl.strategy)
 
 
 # ---------------------------------------------------------------------- aggregator side
@@ -71,6 +63,22 @@ def changed_training_keys(params: Params, out_dir: Path) -> list[str]:
     b = _flat(params.model_dump(mode="json"))
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in changed if k not in RESUMABLE_CHANGES]
+
+
+def why_not_resumable(params: Params, out_dir: Path) -> str | None:
+    """Why the run in `out_dir` cannot be continued under `params` (it must be set aside for a
+    new one); None when there is no run there, or one that can resume."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return None
+    if not (out_dir / PARAMS).is_file():
+        return f"{out_dir} holds no federation run ({PARAMS} missing)"
+    changed = changed_training_keys(params, out_dir)
+    if changed:
+        return f"params changed ({', '.join(changed)})"
+    checkpoint = out_dir / CHECKPOINT
+    if checkpoint.exists() and load_checkpoint(checkpoint).round >= params.fl.rounds:
+        return "previous run finished"
+    return None
 
 
 def _write_params(params: Params, out_dir: Path, resuming: bool) -> Path:
@@ -99,20 +107,14 @@ def prepare_federation(
     hosts: tuple[str, ...] = (),
 ) -> tuple[FederationState, Path]:
     """PKI, resolved params, initial model, audit log and FederationState; (state, params file)."""
-    check_names(params)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ensure_federation(pki_dir, sites, SERVER_CN, hosts=hosts)
     checkpoint = out_dir / CHECKPOINT
-    resuming = resume and checkpoint.exists()
-    if checkpoint.exists() and not resume:
-        raise FederationError(
-            f"{checkpoint} already exists: pass resume=True (--resume) to continue that "
-            "federation, or remove it to start a new one"
-        )
-    params_file = _write_params(params, out_dir, resuming)
+    continuing = resuming(checkpoint, resume)
+    ensure_federation(pki_dir, sites, SERVER_CN, hosts=hosts)
+    params_file = _write_params(params, out_dir, continuing)
     for stale in out_dir.rglob(".*.tmp"):  # atomic writes cut short by a kill (stageio)
         stale.unlink()
-    if not resuming:  # a new federation: site accountants start from zero
+    if not continuing:  # a new federation: site accountants start from zero
         shutil.rmtree(out_dir / "sites", ignore_errors=True)
     seed_everything(params.seed)
     model = build_model(
@@ -125,15 +127,13 @@ def prepare_federation(
     holder: dict[str, FederationState] = {}
 
     def audit_dp(rnd: int, _state: State) -> None:
-        record = holder["state"].history[-1]
-        for site, outcome in record["sites"].items():
-            metrics = outcome.get("metrics") or {}
-            if "epsilon" in metrics:
+        for site, outcome in holder["state"].history[-1].sites.items():
+            if outcome.epsilon is not None:
                 audit.append(
                     ev.DP_ACCOUNTING,
                     round=rnd,
                     site=site,
-                    **{k: metrics[k] for k in ev.EVENT_FIELDS[ev.DP_ACCOUNTING][2:]},
+                    **{k: outcome.metrics[k] for k in ev.EVENT_FIELDS[ev.DP_ACCOUNTING][2:]},
                 )
 
     state = FederationState(
@@ -177,8 +177,8 @@ def run_federation(
     poll_s: float = 2.0,
     grace_s: float = 5.0,
     join_timeout_s: float | None = None,
-) -> dict[str, Any]:
-    """Aggregator in this process, one `fedcxr site run` process per site folder; the summary.
+) -> RunResult:
+    """Aggregator in this process, one `fedcxr site run` process per site folder; the result.
 
     Each site process is handed only its own folder, certificate and key. Site logs go to
     out_dir/logs/<site>.log (appended across resumes). A site that exits early, a round that
@@ -279,8 +279,8 @@ def serve_aggregator(
     host: str | None = None,
     port: int | None = None,
     on_ready: Any = None,
-) -> dict[str, Any]:
-    """The aggregator alone (sites run elsewhere): serve until finished; the summary."""
+) -> RunResult:
+    """The aggregator alone (sites run elsewhere): serve until finished; the result."""
     started = time.monotonic()
     host = params.fl.host if host is None else host
     port = params.fl.port if port is None else port

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
 
 import grpc
 
@@ -18,6 +17,7 @@ from fedcxr.federation.protocol import (
     FederationError,
     server_credentials,
 )
+from fedcxr.federation.records import RoundRecord
 from fedcxr.federation.state import FederationState
 from fedcxr.federation.transport import TransferError, file_chunks, receive_to_file
 
@@ -159,7 +159,7 @@ def run_aggregator(
     timeout_s: float | None = None,
     on_ready: Callable[[int], None] | None = None,
     grace_s: float = 5.0,
-) -> list[dict[str, Any]]:
+) -> list[RoundRecord]:
     """Serve until the federation finished (or halted), stop gracefully, return the history."""
     server, bound = serve(state, tls, host, port, poll_s=poll_s)
     try:

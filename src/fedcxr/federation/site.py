@@ -14,7 +14,7 @@ from fedcxr import __version__
 from fedcxr.federation.pki import TlsBundle
 from fedcxr.federation.proto import fedcxr_pb2 as pb
 from fedcxr.federation.proto import fedcxr_pb2_grpc as pb_grpc
-from fedcxr.federation.protocol import KEEPALIVE_OPTIONS, State, channel_credentials
+from fedcxr.federation.protocol import KEEPALIVE_OPTIONS, channel_credentials
 from fedcxr.federation.transport import (
     TransferError,
     bytes_to_state,
@@ -23,6 +23,7 @@ from fedcxr.federation.transport import (
     state_to_bytes,
     to_chunks,
 )
+from fedcxr.tensorfile import State
 
 TrainFn = Callable[[State, int, dict[str, Any]], tuple[State, int, dict[str, Any]]]
 T = TypeVar("T")
@@ -162,8 +163,8 @@ def _train_round(
         "reason": reply.reason,
         "n_k": n_k,
         "metrics": metrics,
-        "bytes_received": len(data),
-        "bytes_sent": len(payload),
+        "bytes_to_site": len(data),  # the global model this site downloaded
+        "bytes_from_site": len(payload),  # its update
         "train_s": round(train_s, 6),
         "round_s": round(time.monotonic() - started, 6),
     }

@@ -15,12 +15,13 @@ from opacus.accountants import RDPAccountant
 
 from fedcxr.config import Params
 from fedcxr.federation.pki import TlsBundle, load_bundle, verify_chain
-from fedcxr.federation.protocol import State, round_config
+from fedcxr.federation.protocol import round_config
 from fedcxr.federation.site import run_site
 from fedcxr.federation.strategies import get_strategy
 from fedcxr.models import build_model, num_classes_for
 from fedcxr.sitedata import INDEX, SiteData
 from fedcxr.stageio import write_json
+from fedcxr.tensorfile import State
 from fedcxr.train.data import XrayDataset, make_loader
 from fedcxr.train.loop import (
     evaluate_auroc,

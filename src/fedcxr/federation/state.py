@@ -8,12 +8,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
-from fedcxr.checkpoint import save_checkpoint
 from fedcxr.federation import audit as ev
 from fedcxr.federation import heap
 from fedcxr.federation.audit import AuditLog
@@ -21,18 +21,14 @@ from fedcxr.federation.protocol import (
     DEFAULT_POLL_S,
     FederationError,
     SiteInfo,
-    State,
     TaskInfo,
     UploadResult,
 )
-from fedcxr.federation.strategies import (
-    SiteUpdate,
-    check_upload,
-    get_strategy,
-    load_resume_checkpoint,
-)
+from fedcxr.federation.records import RoundRecord, RoundTiming, SiteOutcome, split_timings
+from fedcxr.federation.resume import restore, resuming, save_round
+from fedcxr.federation.strategies import SiteUpdate, check_upload, get_strategy
 from fedcxr.federation.tlswatch import watch_handshakes
-from fedcxr.federation.transport import LazyState, file_sha256, write_state_file
+from fedcxr.tensorfile import LazyState, State, file_sha256, write_state_file
 
 
 class FederationState:
@@ -42,6 +38,7 @@ class FederationState:
     the global model); the round closes when every site has either submitted an accepted update
     or been refused, and the accepted ones are aggregated in site-id order. After each round the
     checkpoint is written atomically, so a killed federation resumes after its last round.
+    `history` holds one RoundRecord per completed round (reproducible), `timings` its seconds.
 
     Memory does not grow with the number of sites: the global model is served from a file,
     uploads are spooled to files in `work_dir` (a private temporary folder by default) and
@@ -82,7 +79,8 @@ class FederationState:
         self.stop_after_round = stop_after_round
         self._on_round_completed = on_round_completed
         self._cond = threading.Condition()
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
+        self.timings: list[RoundTiming] = []
         self.joined: dict[str, SiteInfo] = {}
         self._told_stop: set[str] = set()
         self.halted = False
@@ -103,25 +101,21 @@ class FederationState:
 
         start_round = 1
         global_state = {k: v.detach().to("cpu") for k, v in initial_state.items()}
-        if self.checkpoint.exists():
-            if not resume:
-                raise FederationError(
-                    f"{self.checkpoint} already exists: pass resume=True to continue that "
-                    f"federation, or remove it to start a new one"
-                )
-            ckpt = load_resume_checkpoint(self.checkpoint, self.strategy.name, global_state)
-            global_state = ckpt.state
-            start_round = ckpt.round + 1
-            self.history = list(ckpt.meta.get("history", []))
+        if resuming(self.checkpoint, resume):
+            restored = restore(self.checkpoint, self.strategy.name, global_state)
+            global_state, start_round = restored.state, restored.round + 1
+            self.history, self.timings = restored.history, restored.timings
             audit.append("federation_resumed", from_round=start_round, checkpoint=str(checkpoint))
         self.round = start_round  # the round in progress (rounds + 1 once finished)
         self.finished = start_round > rounds
         self._set_model(global_state)
         del global_state
-        # Per round: site -> outcome record; accepted updates waiting for aggregation.
-        self._outcomes: dict[str, dict[str, Any]] = {}
+        # Per round: site -> outcome; accepted updates waiting for aggregation; bytes served;
+        # each site's mean local epoch in seconds.
+        self._outcomes: dict[str, SiteOutcome] = {}
         self._updates: dict[str, SiteUpdate] = {}
-        self._bytes_sent: dict[str, int] = {}
+        self._bytes_to_site: dict[str, int] = {}
+        self._epoch_s: dict[str, float] = {}
         self._round_started = 0.0
         self._round_open = False
         if self.finished:
@@ -161,7 +155,7 @@ class FederationState:
         self._round_open = True
         self._round_started = time.monotonic()
         self._discard_updates()
-        self._outcomes, self._bytes_sent = {}, {}
+        self._outcomes, self._bytes_to_site, self._epoch_s = {}, {}, {}
         self.audit.append(ev.MODEL_BROADCAST, round=self.round, sha256=self._sha, bytes=self._size)
         self._cond.notify_all()
 
@@ -179,10 +173,10 @@ class FederationState:
             return TaskInfo("WAIT", round=self.round, message=f"round {self.round} in progress")
         return TaskInfo("TRAIN", self.round, self._sha, self.config_json)
 
-    def _settle(self, site: str, outcome: dict[str, Any]) -> None:
+    def _settle(self, outcome: SiteOutcome) -> None:
         """Record a site's outcome for the current round; close the round if it was the last."""
-        outcome["bytes_sent"] = self._bytes_sent.get(site, 0)
-        self._outcomes[site] = outcome
+        site = outcome.site
+        self._outcomes[site] = replace(outcome, bytes_to_site=self._bytes_to_site.get(site, 0))
         self._cond.notify_all()
         if set(self._outcomes) == set(self.sites):
             self._close_round()
@@ -192,29 +186,21 @@ class FederationState:
         accepted = [self._updates[s] for s in self.sites if s in self._updates]
         new_state = self.strategy.aggregate(accepted) if accepted else None
         self._discard_updates()
-        record = {
-            "round": rnd,
-            "wall_s": round(time.monotonic() - self._round_started, 6),
-            "model_sha256": "",
-            "sites": {s: self._outcomes[s] for s in self.sites},
-        }
+        timing = RoundTiming(
+            rnd, round(time.monotonic() - self._round_started, 6), dict(self._epoch_s)
+        )
         self.round = rnd + 1  # names the new global file after the round it serves
         if new_state is None:
             new_state = load_file(str(self._global_path))
         self._set_model(new_state)
-        record["model_sha256"] = self._sha
-        self.history.append(record)
-        save_checkpoint(
-            self.checkpoint,
-            new_state,
-            rnd,
-            {
-                "strategy": self.strategy.name,
-                "federation_id": self.federation_id,
-                "sites": list(self.sites),
-                "history": self.history,
-            },
-        )
+        self.history.append(RoundRecord(rnd, self._sha, {s: self._outcomes[s] for s in self.sites}))
+        self.timings.append(timing)
+        meta = {
+            "strategy": self.strategy.name,
+            "federation_id": self.federation_id,
+            "sites": list(self.sites),
+        }
+        save_round(self.checkpoint, new_state, self.history, self.timings, meta)
         if accepted:
             self.audit.append(
                 ev.AGGREGATED,
@@ -240,7 +226,7 @@ class FederationState:
     def _refuse(self, site: str, rnd: int, reason: str, settle: bool) -> UploadResult:
         self.audit.append(ev.UPDATE_REFUSED, round=rnd, site=site, reason=reason)
         if settle:
-            self._settle(site, {"accepted": False, "reason": reason})
+            self._settle(SiteOutcome(site, accepted=False, reason=reason))
         return UploadResult(False, reason, "")
 
     # ------------------------------------------------------------------ public API
@@ -305,7 +291,7 @@ class FederationState:
                     f"round in progress: {self.round if self._round_open else 'none'}"
                 )
             assert self._global_path is not None
-            self._bytes_sent[site] = self._bytes_sent.get(site, 0) + self._size
+            self._bytes_to_site[site] = self._bytes_to_site.get(site, 0) + self._size
             return self._global_path, self._sha
 
     def spool_file(self) -> Path:
@@ -376,15 +362,18 @@ class FederationState:
                     n_k=int(n_examples),
                     bytes=nbytes,
                 )
+                kept, seconds = split_timings(metrics)
+                if "epoch_seconds" in seconds:
+                    self._epoch_s[site] = seconds["epoch_seconds"]
                 self._settle(
-                    site,
-                    {
-                        "accepted": True,
-                        "n_k": int(n_examples),
-                        "metrics": metrics,
-                        "bytes_received": nbytes,
-                        "sha256": sha,
-                    },
+                    SiteOutcome(
+                        site,
+                        accepted=True,
+                        n_k=int(n_examples),
+                        bytes_from_site=nbytes,
+                        sha256=sha,
+                        metrics=kept,
+                    )
                 )
                 return UploadResult(True, "", sha)
         finally:

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from fedcxr.checkpoint import Checkpoint, load_checkpoint
-from fedcxr.federation.protocol import FederationError, State, strict_json_obj
-from fedcxr.federation.transport import LazyState, TransferError
+from fedcxr.federation.protocol import strict_json_obj
+from fedcxr.tensorfile import LazyState, State, TensorFileError
 
 _CHECK_LOCK = threading.Lock()
 
@@ -130,7 +129,7 @@ def check_upload(
     state: LazyState | None = None
     try:
         state = LazyState(path)
-    except TransferError as exc:
+    except TensorFileError as exc:
         problems.append(str(exc))
     try:
         try:
@@ -146,20 +145,3 @@ def check_upload(
             state.close()
         raise
     return state, metrics, problems
-
-
-def load_resume_checkpoint(
-    path: Path, strategy: str, reference: Mapping[str, torch.Tensor]
-) -> Checkpoint:
-    """The checkpoint at `path`, if written by `strategy` for a model shaped like `reference`;
-    else a FederationError."""
-    ckpt = load_checkpoint(path)
-    if ckpt.meta.get("strategy") != strategy:
-        raise FederationError(
-            f"{path}: written by strategy {ckpt.meta.get('strategy')!r}, "
-            f"this federation uses {strategy!r}"
-        )
-    problems = check_update(reference, SiteUpdate("checkpoint", 1, ckpt.state), None)
-    if problems:
-        raise FederationError(f"{path}: does not match the model: {'; '.join(problems)}")
-    return ckpt

@@ -1,6 +1,5 @@
-"""The study report: Markdown and self-contained HTML built from the pipeline's metrics files."""
+"""The study report: Markdown and self-contained HTML built from the pipeline's metrics files.
 
-from fedcxr.report.inputs import ReportPaths, RunContext
-from fedcxr.report.render import SECTIONS, ReportResult, render_report
-
-__all__ = ["SECTIONS", "ReportPaths", "ReportResult", "RunContext", "render_report"]
+Import what you need from its modules (`fedcxr.report.render`, `.inputs`, `.gradcam`): this
+package file loads nothing, so that evaluation can use Grad-CAM without the report's code.
+"""
