@@ -1,5 +1,8 @@
-"""Typed results of a federation: site outcomes, round records and the run summary, with the
-seconds kept in records of their own so that everything else is reproducible byte for byte."""
+"""Typed results of a federation: site outcomes, round records, the run summary, its seconds.
+
+The seconds are kept in records of their own, so that everything else is reproducible byte for
+byte between two runs of the same federation.
+"""
 
 from __future__ import annotations
 

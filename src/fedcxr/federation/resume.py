@@ -1,5 +1,4 @@
-"""Where a federation resumes: the one decision to continue, what a checkpoint restores, and
-what each completed round saves for the next resume."""
+"""Resuming a federation: the one decision to continue, what a checkpoint restores, and saves."""
 
 from __future__ import annotations
 
