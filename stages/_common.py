@@ -44,4 +44,5 @@ def pooled_spec(
         augment=params.train.augment,
         num_workers=params.train.num_workers,
         pretrained=params.model.pretrained,
+        compile=params.train.compile,
     )

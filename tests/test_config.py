@@ -303,3 +303,17 @@ def test_partition_fit_values():
     assert parse_params({"partition": {"fit": "exact"}}).partition.fit == "exact"
     with pytest.raises(ConfigError, match=r"'partition\.fit'"):
         parse_params({"partition": {"fit": "shrink"}})
+
+
+def test_loader_workers_are_auto_by_default_or_a_count():
+    assert Params().train.num_workers == "auto"
+    assert parse_params({"train": {"num_workers": 3}}).train.num_workers == 3
+    for bad in (-1, "many", 1.5):
+        with pytest.raises(ConfigError, match=r"train\.num_workers.*'auto' or a number"):
+            parse_params({"train": {"num_workers": bad}})
+
+
+def test_compile_is_refused_under_dp_naming_both_keys():
+    assert parse_params({"train": {"compile": True}}).train.compile is True
+    with pytest.raises(ConfigError, match=r"train\.compile: false with dp\.enabled: true"):
+        parse_params({"train": {"compile": True}, "dp": {"enabled": True}})

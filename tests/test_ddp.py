@@ -38,7 +38,7 @@ from fedcxr.train.ddp import (
     torchrun_command,
 )
 from fedcxr.train.ddpspec import DDPSpec, read_spec, write_spec
-from fedcxr.train.loop import plain_state_dict, threads_per_process, train_epoch
+from fedcxr.train.loop import batch_to_device, plain_state_dict, threads_per_process, train_epoch
 from fedcxr.train.sampler import GlobalBatchSampler, global_batches
 
 SIZE = 32  # stored and trained resolution
@@ -149,7 +149,8 @@ def train_accumulating(
         model.train()
         for slices in zip(*loaders, strict=True):
             setup.optimizer.zero_grad(set_to_none=True)
-            for x, y in slices:
+            for batch in slices:
+                x, y = batch_to_device(batch, torch.device("cpu"))
                 loss = setup.loss_fn(model(x).float(), y)
                 (loss / world_size).backward()
                 total, examples = total + loss.item() * len(x), examples + len(x)

@@ -32,7 +32,9 @@ from fedcxr.train import (
     threads_per_process,
     train_epoch,
 )
-from fedcxr.train.loop import TrainSetup, autocast_dtype, full_fp32
+from fedcxr.train.augment import AUG_FIELDS, model_input
+from fedcxr.train.data import to_input
+from fedcxr.train.loop import TrainSetup, autocast_dtype, batch_to_device, full_fp32
 
 CPU = torch.device("cpu")
 STORED = 64  # pixels of the tiny site folders
@@ -105,28 +107,39 @@ def _distance(model: torch.nn.Module, center: dict[str, torch.Tensor]) -> float:
 # --- data -----------------------------------------------------------------------------------
 
 
-def test_dataset_items_are_normalised_tensors_with_task_labels(site):
+def test_dataset_items_are_uint8_images_the_model_input_normalises(site):
     plain = XrayDataset.from_split([site], "train", "multilabel", STORED, augment=False)
     x, y = plain[3]
-    assert x.shape == (1, STORED, STORED) and x.dtype == torch.float32
+    assert x.shape == (1, STORED, STORED) and x.dtype == torch.uint8  # 4x less to copy
     assert y.shape == (14,) and y.dtype == torch.float32
     expected = (torch.from_numpy(site.images[3].astype(np.float32)) / 255 - 0.5) / 0.25
-    torch.testing.assert_close(x[0], expected)
+    torch.testing.assert_close(model_input(x[None], None)[0, 0], expected)
     small = XrayDataset.from_split([site], "val", "pneumonia", SIZE, augment=True, seed=1)
-    x, y = small[0]
-    assert x.shape == (1, SIZE, SIZE) and y.shape == (1,)
+    x, y, aug = small[0]
+    assert x.shape == (1, SIZE, SIZE) and y.shape == (1,) and aug.shape == (len(AUG_FIELDS),)
     assert len(small) == len(site.rows("val"))
+    # Below the stored size the items come from a copy made once with Pillow's resize: the
+    # pixels to_input (Grad-CAM, one image) gives the model.
+    row = site.rows("val")[0]
+    plain = XrayDataset.from_split([site], "val", "pneumonia", SIZE)
+    torch.testing.assert_close(
+        model_input(plain[0][0][None], None)[0], to_input(site.images[row], SIZE), rtol=0, atol=0
+    )
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(site):
     data = XrayDataset.from_split([site], "train", "pneumonia", SIZE, augment=True, seed=7)
     again = XrayDataset.from_split([site], "train", "pneumonia", SIZE, augment=True, seed=7)
-    assert torch.equal(data[5][0], again[5][0])
-    first = data[5][0]
+    assert torch.equal(data[5][2], again[5][2]) and torch.equal(data[5][0], again[5][0])
+    first = data[5][2]
     data.set_epoch(1)
-    assert not torch.equal(first, data[5][0])
+    assert not torch.equal(first, data[5][2])
     data.set_epoch(0)
-    assert torch.equal(first, data[5][0])
+    assert torch.equal(first, data[5][2])
+    batch = [torch.stack(parts) for parts in zip(data[5], data[6], strict=True)]
+    x, _ = batch_to_device(batch, CPU)
+    assert x.shape == (2, 1, SIZE, SIZE) and x.dtype == torch.float32
+    assert not torch.equal(x, model_input(batch[0], None))  # augmented
 
 
 def test_pooled_dataset_spans_sites(tmp_path, site):
@@ -138,11 +151,15 @@ def test_pooled_dataset_spans_sites(tmp_path, site):
 
 
 def test_pickled_dataset_reopens_the_memmap_instead_of_copying_pixels(site):
-    data = XrayDataset.from_split([site], "train", "pneumonia", SIZE, augment=True, seed=2)
+    data = XrayDataset.from_split([site], "train", "pneumonia", STORED, augment=True, seed=2)
     blob = pickle.dumps(data)
     assert len(blob) < site.images.nbytes / 10
     copy = pickle.loads(blob)
-    assert torch.equal(copy[7][0], data[7][0])
+    assert torch.equal(copy[7][0], data[7][0]) and torch.equal(copy[7][2], data[7][2])
+    # Below the stored size a worker gets the training copy (SIZE^2 per row), not the stored
+    # pixels.
+    small = XrayDataset.from_split([site], "train", "pneumonia", SIZE, augment=True, seed=2)
+    assert len(pickle.dumps(small)) < len(small) * SIZE * SIZE + 100_000
 
 
 def test_image_size_above_stored_size_is_an_error_naming_the_folder(site):
@@ -204,8 +221,8 @@ def test_worker_processes_do_not_change_the_batches(site):
     inline = list(make_loader(data, 16, shuffle=True, seed=3))
     workers = list(make_loader(data, 16, shuffle=True, seed=3, num_workers=2))
     assert len(inline) == len(workers)
-    for (xa, ya), (xb, yb) in zip(inline, workers, strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for a, b in zip(inline, workers, strict=True):  # images, labels, augmentation
+        assert all(torch.equal(pa, pb) for pa, pb in zip(a, b, strict=True))
 
 
 def _train_with_prox(site, mu: float, dp: bool) -> float:
@@ -334,9 +351,10 @@ def test_predict_runs_in_fp32_even_where_training_autocasts(site, monkeypatch):
     assert len(spy.autocast) == 2 * len(loader) and not any(spy.autocast)
     spy.eval()
     with torch.no_grad():
-        fp32 = torch.cat([torch.sigmoid(spy.inner(x)) for x, _ in loader]).numpy()
+        inputs = [model_input(x, None) for x, _ in loader]
+        fp32 = torch.cat([torch.sigmoid(spy.inner(x)) for x in inputs]).numpy()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = torch.cat([torch.sigmoid(spy.inner(x)).float() for x, _ in loader]).numpy()
+            bf16 = torch.cat([torch.sigmoid(spy.inner(x)).float() for x in inputs]).numpy()
     assert np.abs(bf16 - fp32).max() > 1e-4  # bf16 would be visible at this tolerance
     np.testing.assert_allclose(probs, fp32, rtol=0, atol=1e-6)
     np.testing.assert_allclose(inside, fp32, rtol=0, atol=1e-6)
@@ -409,3 +427,29 @@ def test_training_sections_have_documented_defaults_and_checks():
             parse_params(data)
     big = parse_params({"resize": {"size": 1024}, "train": {"image_size": 1024}})
     assert big.train.image_size == 1024
+
+
+def test_train_compile_trains_through_the_compiled_forward_and_keeps_the_weights(site, monkeypatch):
+    calls: list[int] = []
+
+    def fake_compile(model):  # stands in for torch.compile: the same module, counted
+        def forward(x):
+            calls.append(len(x))
+            return model(x)
+
+        return forward
+
+    monkeypatch.setattr(loop.torch, "compile", fake_compile)
+    data = XrayDataset.from_split([site], "train", "pneumonia", SIZE, augment=True, seed=0)
+    cfg = TrainConfig(lr=1e-2, batch_size=16, image_size=SIZE, compile=True)
+    model = build_model("smallcnn", 1, dp_safe=True)
+    setup = make_setup(model, cfg, "pneumonia", data.labels, CPU)
+    before = {k: v.clone() for k, v in plain_state_dict(setup.model).items()}
+    stats = train_epoch(setup, make_loader(data, 16, shuffle=True, seed=0))
+    assert sum(calls) == stats.examples == len(data)
+    after = plain_state_dict(setup.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the model learnt
+    private, _, _ = make_private(
+        setup, make_loader(data, 16, shuffle=True), DPConfig(enabled=True), 1
+    )
+    assert private.compiled is None  # Opacus' hooks need the plain module

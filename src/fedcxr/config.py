@@ -183,9 +183,20 @@ class TrainConfig(_Section):
     # Processes of the centralized DDP baseline: auto = one per CUDA GPU (2 on CPU), or a count
     # (at most the GPU count on CUDA; checked by check-params and the stage, resolve_world_size).
     ddp_world_size: int | Literal["auto"] = "auto"
-    num_workers: int = Field(0, ge=0)
+    # DataLoader worker processes: auto = none on CPU (the batch augmentation runs where the
+    # model trains; workers would only copy uint8 slices), on CUDA the cores shared out among
+    # the processes that train on this machine (fedcxr.train.data.loader_workers); or a count.
+    num_workers: int | Literal["auto"] = "auto"
     seeds: IntTuple = (42,)
     augment: bool = True
+    compile: bool = False  # torch.compile the model's forward (not with dp.enabled)
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and value >= 0):
+            return value
+        raise ValueError("expected 'auto' or a number of worker processes >= 0")
 
     @field_validator("seeds")
     @classmethod
@@ -274,6 +285,17 @@ class Params(_Section):
     dp: DPConfig = DPConfig()
     fl: FLConfig = FLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("dp")
+    @classmethod
+    def _no_compile_under_dp(cls, value: DPConfig, info: ValidationInfo) -> DPConfig:
+        train = info.data.get("train")
+        if value.enabled and train is not None and train.compile:
+            raise ValueError(
+                "expected train.compile: false with dp.enabled: true (Opacus computes "
+                "per-example gradients with hooks that torch.compile does not trace)"
+            )
+        return value
 
     @field_validator("train")
     @classmethod

@@ -244,7 +244,7 @@ class _Predictor:
         test: SiteData,
         sites: dict[str, SiteData],
         batch_size: int,
-        num_workers: int,
+        num_workers: int | str,
         device: torch.device,
     ) -> None:
         self.test, self.sites = test, sites
@@ -297,7 +297,7 @@ def evaluate_all(
     sites_dir: Path,
     *,
     batch_size: int,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     seed: int = 0,
     n_boot: int = N_BOOT,
     threshold_rule: str = THRESHOLD_RULE,

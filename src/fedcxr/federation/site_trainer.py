@@ -22,7 +22,7 @@ from fedcxr.models import build_model, num_classes_for
 from fedcxr.sitedata import INDEX, SiteData
 from fedcxr.stageio import write_json
 from fedcxr.tensorfile import State
-from fedcxr.train.data import XrayDataset, make_loader
+from fedcxr.train.data import XrayDataset, loader_workers, make_loader
 from fedcxr.train.loop import (
     evaluate_auroc,
     load_plain_state_dict,
@@ -111,12 +111,12 @@ class SiteTrainer:
         if len(train_ds) == 0:
             raise ValueError(f"{self.folder / INDEX}: expected rows with split 'train', found none")
         self.n_train, self.n_val = len(train_ds), len(val_ds)
+        # The simulation runs every site's process on this machine: they share its cores.
+        workers = loader_workers(cfg.num_workers, processes=n_sites)
         loader = make_loader(
-            train_ds, cfg.batch_size, shuffle=True, seed=self.seed, num_workers=cfg.num_workers
+            train_ds, cfg.batch_size, shuffle=True, seed=self.seed, num_workers=workers
         )
-        self.val_loader = make_loader(
-            val_ds, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers
-        )
+        self.val_loader = make_loader(val_ds, cfg.batch_size, shuffle=False, num_workers=workers)
         # No pretrained download at the site: the global weights replace the initial ones.
         model = build_model(
             params.model.arch, num_classes_for(params.task), False, dp_safe=params.dp.enabled

@@ -13,7 +13,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from fedcxr.train.data import NORM_MEAN, NORM_STD, to_input
+from fedcxr.train.augment import NORM_MEAN, NORM_STD
+from fedcxr.train.data import to_input
 
 # Layer whose activations Grad-CAM weighs, per registered architecture (fedcxr.models.MODELS),
 # as a dotted path of attribute names and indices. make_dp_safe keeps module names, so the DP

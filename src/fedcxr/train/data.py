@@ -1,9 +1,10 @@
-"""Training data: a Dataset over site folders with seeded augmentation, labels and class weights."""
+"""Training data: a Dataset of uint8 site images with seeded augmentation, labels, class weights."""
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedcxr.labels import FINDINGS
 from fedcxr.sitedata import IMAGES, SiteData
+from fedcxr.train.augment import draw_params, model_input
 
 TASKS = ("multilabel", "pneumonia")
 PNEUMONIA = "Pneumonia"
-NORM_MEAN = 0.5
-NORM_STD = 0.25
-# The paper's augmentation: horizontal flip, +-10 degree rotation, random resized crop.
-FLIP_P = 0.5
-MAX_ROTATION_DEG = 10.0
-CROP_SCALE = (0.85, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 POS_WEIGHT_CAP = 100.0
 
 
@@ -68,58 +63,44 @@ def pos_weight(task: str, labels: np.ndarray, cap: float = POS_WEIGHT_CAP) -> to
     return torch.as_tensor(np.minimum(ratio, cap), dtype=torch.float32)
 
 
-def crop_box(
-    rng: np.random.Generator,
-    size: int,
-    scale: tuple[float, float] = CROP_SCALE,
-    ratio: tuple[float, float] = CROP_RATIO,
-) -> tuple[int, int, int, int]:
-    """A random-resized-crop box (top, left, height, width) inside a size x size image."""
-    area = size * size * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-    width = min(size, max(1, round(math.sqrt(area * aspect))))
-    height = min(size, max(1, round(math.sqrt(area / aspect))))
-    top = int(rng.integers(0, size - height + 1))
-    left = int(rng.integers(0, size - width + 1))
-    return top, left, height, width
+def to_input(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 S x S image -> normalised float 1 x image_size x image_size (no augmentation):
+    the pixels an unaugmented loader item gives the model, for one image (Grad-CAM)."""
+    small = resize_image(image, image_size)
+    return model_input(torch.from_numpy(small)[None, None], None)[0]
 
 
-def to_input(
-    image: np.ndarray,
-    image_size: int,
-    rng: np.random.Generator | None = None,
-) -> torch.Tensor:
-    """uint8 S x S image -> normalised float 1 x image_size x image_size (augmented if rng).
-
-    Pillow does the per-item work: its resize is antialiased and single-threaded, which is
-    several times faster than torch ops on one small image (intra-op threads only add
-    overhead there and compete with the training step for the same cores).
-    """
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 S x S -> uint8 size x size with Pillow's antialiased bilinear filter."""
+    if image.shape[-1] == size:
+        return np.ascontiguousarray(image, dtype=np.uint8)
     pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-    size = pil.width
-    target = (image_size, image_size)
-    if rng is None:
-        if size != image_size:
-            pil = pil.resize(target, Image.Resampling.BILINEAR)
-    else:
-        top, left, height, width = crop_box(rng, size)
-        box = (left, top, left + width, top + height)
-        pil = pil.resize(target, Image.Resampling.BILINEAR, box=box)
-        if rng.random() < FLIP_P:
-            pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
-        pil = pil.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
-    x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)[None]
-    return (x - NORM_MEAN) / NORM_STD
+    return np.array(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-class XrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Rows of one or more site folders as (1 x s x s image, label) pairs.
+def training_copy(images: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
+    """The images at `rows`, down-sampled once to size x size (uint8, in memory), so that no
+    item is resized again per epoch. Pillow releases the GIL: threads share the work."""
+    out = np.empty((len(rows), size, size), dtype=np.uint8)
 
-    Augmentation for item i in epoch e is drawn from numpy's generator seeded with
-    (seed, e, i), so batches do not depend on worker count or scheduling; call set_epoch(e)
-    before each epoch (train_epoch does). Images stay memory-mapped; worker processes reopen
-    the folders instead of receiving pickled pixels.
+    def one(k: int) -> None:
+        out[k] = resize_image(images[rows[k]], size)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(one, range(len(rows))))
+    return out
+
+
+class XrayDataset(Dataset[tuple[torch.Tensor, ...]]):
+    """Rows of one or more site folders as (uint8 1 x s x s image, label[, augmentation]).
+
+    The model takes an item through `fedcxr.train.augment.model_input`, on the training
+    device (train_epoch and predict do it): the loader only moves uint8 pixels. Below the
+    stored size (resize.size) the rows are down-sampled to image_size once, when the dataset is
+    made (`training_copy`, in memory: image_size^2 bytes per image); at the stored size they
+    stay memory-mapped. Augmentation parameters for item i in epoch e are drawn from numpy's
+    generator seeded with (seed, e, i), so batches do not depend on worker count or
+    scheduling; call set_epoch(e) before each epoch (train_epoch does).
     """
 
     def __init__(
@@ -162,6 +143,14 @@ class XrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.row_of = np.concatenate(row_of)
         self.labels = np.concatenate(labels)
         self._images: list[np.ndarray] | None = [s.images for s in sites]
+        # Below the stored size: every selected row once at image_size, in item order.
+        self._small: np.ndarray | None = None
+        if any(s.images.shape[-1] != image_size for s in sites):
+            parts = [
+                training_copy(site.images, np.asarray(sel, dtype=np.int64), image_size)
+                for site, sel in zip(sites, rows, strict=True)
+            ]
+            self._small = np.concatenate(parts)
 
     @classmethod
     def from_split(
@@ -192,10 +181,33 @@ class XrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             self._images = [np.load(f / IMAGES, mmap_mode="r") for f in self.folders]
         return self._images
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self._arrays()[self.site_of[i]][self.row_of[i]]
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)]) if self.augment else None
-        return to_input(image, self.image_size, rng), torch.from_numpy(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self._small is not None:
+            image = self._small[i]
+        else:
+            image = np.asarray(self._arrays()[self.site_of[i]][self.row_of[i]])
+        x = torch.from_numpy(np.array(image, dtype=np.uint8))[None]
+        y = torch.from_numpy(self.labels[i])
+        if not self.augment:
+            return x, y
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        return x, y, torch.from_numpy(draw_params(rng, self.image_size))
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(value: int | str, processes: int = 1, cuda: bool | None = None) -> int:
+    """The DataLoader workers for train.num_workers: a count as given; `auto` gives none on
+    CPU (items are uint8 slices; the augmentation runs where the model trains, and workers
+    would take cores from it) and, on CUDA, this process's share of the cores less the one
+    that drives the GPU: max(1, min(8, cores // processes - 1))."""
+    if value != "auto":
+        return int(value)
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_AUTO_WORKERS, (cores or 1) // max(1, processes) - 1))
 
 
 def make_loader(
@@ -204,16 +216,19 @@ def make_loader(
     *,
     shuffle: bool,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
+    processes: int = 1,
 ) -> DataLoader:
-    """A DataLoader whose shuffling comes from its own generator seeded with `seed`."""
+    """A DataLoader whose shuffling comes from its own generator seeded with `seed`; workers
+    from `loader_workers(num_workers, processes)` stay alive across epochs."""
     generator = torch.Generator().manual_seed(seed)
+    workers = loader_workers(num_workers, processes)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        num_workers=num_workers,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        persistent_workers=workers > 0,
     )

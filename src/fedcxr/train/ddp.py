@@ -36,7 +36,7 @@ from fedcxr.sitedata import INDEX, SiteData
 from fedcxr.stageio import write_json
 from fedcxr.tensorfile import MODEL, State
 from fedcxr.train.commhook import register_counter
-from fedcxr.train.data import XrayDataset
+from fedcxr.train.data import XrayDataset, loader_workers
 from fedcxr.train.ddpspec import SPEC_FILE, DDPSpec, write_spec
 from fedcxr.train.loop import (
     TrainSetup,
@@ -122,11 +122,13 @@ def make_rank_loader(
     sampler = GlobalBatchSampler(
         len(dataset), spec.batch_size, rank=rank, world_size=world_size, seed=spec.seed
     )
+    workers = loader_workers(spec.num_workers, processes=world_size)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        num_workers=spec.num_workers,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
@@ -30,9 +30,10 @@ class DDPSpec:
     image_size: int = 128
     seed: int = 42
     augment: bool = True
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = 0
     dp_safe: bool = False  # GroupNorm instead of BatchNorm (needed for exact DDP == 1 process)
     pretrained: bool = False
+    compile: bool = False  # torch.compile the forward (train.compile)
 
     # How the JSON file is read: unknown keys, a value of the wrong JSON type, NaN or Infinity
     # are refused (pydantic validates against the field types; __post_init__ runs after).
@@ -52,7 +53,7 @@ class DDPSpec:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, found {getattr(self, name)}")
-        if self.num_workers < 0:
+        if self.num_workers != "auto" and self.num_workers < 0:
             raise ValueError(f"expected num_workers >= 0, found {self.num_workers}")
 
     def train_config(self) -> TrainConfig:
@@ -64,6 +65,7 @@ class DDPSpec:
             num_workers=self.num_workers,
             seeds=(self.seed,),
             augment=self.augment,
+            compile=self.compile,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fedcxr.config import DPConfig, TrainConfig
 from fedcxr.labels import FINDINGS
+from fedcxr.train.augment import model_input
 from fedcxr.train.data import pos_weight
 
 ADAM_BETAS = (0.9, 0.999)
@@ -38,6 +39,7 @@ class TrainSetup:
     device: torch.device
     amp: bool  # CUDA fast path: bf16 autocast + channels_last (off on CPU and under DP)
     epochs_done: int = 0
+    compiled: Callable[[Tensor], Tensor] | None = None  # torch.compile(model) (train.compile)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,9 @@ def make_setup(
     weight = pos_weight(task, labels)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if weight is None else weight.to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
-    return TrainSetup(model, optimizer, loss_fn, device, amp)
+    # The compiled forward shares the model's parameters: weights are read from `model`.
+    compiled = torch.compile(model) if cfg.compile else None
+    return TrainSetup(model, optimizer, loss_fn, device, amp, compiled=compiled)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -204,6 +208,17 @@ def _batches(loader: DataLoader, progress: bool, desc: str) -> Iterator:
     return iter(tqdm(loader, desc=desc, leave=False)) if progress else iter(loader)
 
 
+def batch_to_device(batch: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """A loader batch -- (images, labels) or (images, labels, augmentation) -- as the model's
+    input and targets on `device`: uint8 pixels move as they are and become float there."""
+    x = batch[0].to(device, non_blocking=True)
+    y = batch[1].to(device, non_blocking=True)
+    aug = batch[2] if len(batch) > 2 else None
+    if x.dtype == torch.uint8 or aug is not None:
+        x = model_input(x, aug)
+    return x, y
+
+
 def train_epoch(
     setup: TrainSetup,
     loader: DataLoader,
@@ -218,17 +233,17 @@ def train_epoch(
         set_epoch(setup.epochs_done)
     prox = _prox_grad(setup.model, prox_center, prox_mu) if prox_center and prox_mu else None
     model, device = setup.model, setup.device
+    forward = setup.compiled or model
     model.train()
     start = time.perf_counter()
     total, examples, steps = 0.0, 0, 0
-    for x, y in _batches(loader, progress, f"epoch {setup.epochs_done + 1}"):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+    for batch in _batches(loader, progress, f"epoch {setup.epochs_done + 1}"):
+        x, y = batch_to_device(batch, device)
         if setup.amp:
             x = x.contiguous(memory_format=torch.channels_last)
         setup.optimizer.zero_grad(set_to_none=True)
         with _autocast(device, setup.amp):
-            logits = model(x)
+            logits = forward(x)
         loss = setup.loss_fn(logits.float(), y)
         loss.backward()
         _step(setup.optimizer, prox)
@@ -254,10 +269,11 @@ def predict(
     model.eval()
     probs, labels = [], []
     with torch.no_grad(), full_fp32(device):
-        for x, y in loader:
-            logits = model(x.to(device, non_blocking=True))
+        for batch in loader:
+            x, _ = batch_to_device(batch, device)
+            logits = model(x)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-            labels.append(y.numpy())
+            labels.append(batch[1].numpy())
     model.train(was_training)
     return np.concatenate(probs), np.concatenate(labels)
 
@@ -339,7 +355,8 @@ def make_private(
         model, optimizer, private_loader = engine.make_private(
             noise_multiplier=dp_cfg.noise_multiplier, **common
         )
-    return replace(setup, model=model, optimizer=optimizer, amp=False), private_loader, engine
+    private = replace(setup, model=model, optimizer=optimizer, amp=False, compiled=None)
+    return private, private_loader, engine
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
