@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import typer
 
 from fedcxr.config import ConfigError, Params, load_params, parse_params, resolve_world_size
+from fedcxr.plancost_cli import plan_cost
 from fedcxr.stageio import write_json
 
 app = typer.Typer(
@@ -135,6 +136,9 @@ def deid_check(
     typer.echo(f"  non-NIH file names: {checks['file_names']['violations']['count']}")
     typer.echo(f"  patients pseudonymized: {checks['patient_ids']['patients']}")
     typer.echo(f"report -> {out}")
+
+
+app.command("plan-cost")(plan_cost)
 
 
 @app.command("check-params")
