@@ -225,6 +225,17 @@ def test_worker_processes_do_not_change_the_batches(site):
         assert all(torch.equal(pa, pb) for pa, pb in zip(a, b, strict=True))
 
 
+def test_a_fixed_seed_gives_identical_weights_whatever_the_worker_count(site):
+    weights = []
+    for workers in (0, 2):
+        setup, loader = _setup(site, seed=11)
+        loader = make_loader(loader.dataset, 16, shuffle=True, seed=11, num_workers=workers)
+        for _ in range(2):
+            train_epoch(setup, loader)
+        weights.append(plain_state_dict(setup.model))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def _train_with_prox(site, mu: float, dp: bool) -> float:
     setup, loader = _setup(site, seed=5, lr=1e-2, dp_safe=dp, augment=False)
     center = plain_state_dict(setup.model)

@@ -220,7 +220,9 @@ def make_loader(
     processes: int = 1,
 ) -> DataLoader:
     """A DataLoader whose shuffling comes from its own generator seeded with `seed`; workers
-    from `loader_workers(num_workers, processes)` stay alive across epochs."""
+    from `loader_workers(num_workers, processes)`. Workers are started for each epoch, not
+    kept: a kept worker holds its own copy of the dataset and would not see set_epoch, so its
+    augmentation would repeat epoch 0's (forked workers start in milliseconds)."""
     generator = torch.Generator().manual_seed(seed)
     workers = loader_workers(num_workers, processes)
     return DataLoader(
@@ -230,5 +232,5 @@ def make_loader(
         generator=generator,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        persistent_workers=False,
     )

@@ -128,7 +128,7 @@ def make_rank_loader(
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        persistent_workers=False,  # kept workers would not see the dataset's set_epoch
     )
 
 
