@@ -69,12 +69,15 @@ def site_folder(root: Path, n: int, stored: int, seed: int = 0) -> SiteData:
     return SiteData.open(root)
 
 
-def bare_loop(arch: str, x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int) -> float:
+def bare_loop(
+    arch: str, x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int, compile_: bool = False
+) -> float:
     """Median images/s per epoch of a plain loop over (x, y) on the device (after a warm-up)."""
     device = x.device
     torch.manual_seed(0)
     model = build_model(arch, y.shape[1]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compile_ else model
     loss_fn = nn.BCEWithLogitsLoss()
     rates = []
     for epoch in range(epochs + 1):
@@ -82,7 +85,7 @@ def bare_loop(arch: str, x: torch.Tensor, y: torch.Tensor, batch: int, epochs: i
         start = time.perf_counter()
         for i in range(0, len(x), batch):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[i : i + batch]), y[i : i + batch])
+            loss = loss_fn(forward(x[i : i + batch]), y[i : i + batch])
             loss.backward()
             opt.step()
         _sync(device)
@@ -124,6 +127,9 @@ def main(
     ] = None,
     device: Annotated[str, Opt(help="cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, Opt(help="torch threads (default: torch's).")] = None,
+    compile_: Annotated[
+        bool, Opt("--compile", help="torch.compile every loop (train.compile for fedcxr's).")
+    ] = False,
     params: Annotated[Path, Opt(help="params.yaml for the defaults.")] = Path("params.yaml"),
 ) -> None:
     """Measure the three loops and print their images/s; the last line is JSON."""
@@ -132,7 +138,12 @@ def main(
     size = size or p.train.image_size
     stored = stored or p.resize.size
     batch = batch or p.train.batch_size
-    overrides: dict = {"batch_size": batch, "image_size": size, "augment": True}
+    overrides: dict = {
+        "batch_size": batch,
+        "image_size": size,
+        "augment": True,
+        "compile": compile_,
+    }
     if workers is not None:
         overrides["num_workers"] = int(workers) if workers.isdigit() else workers
     cfg = p.train.model_copy(update=overrides)
@@ -146,7 +157,7 @@ def main(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(images, 1, size, size, generator=gen)
     y = (torch.rand(images, len(FINDINGS), generator=gen) < 0.1).float()
-    bare = bare_loop(arch, x.to(dev), y.to(dev), batch, epochs)
+    bare = bare_loop(arch, x.to(dev), y.to(dev), batch, epochs, compile_)
     print(f"  (a) bare loop on device tensors   {bare:8.1f} images/s")
     tensors = torch.utils.data.TensorDataset(x, y)
     loader = make_loader(tensors, batch, shuffle=True, seed=0, num_workers=0)
@@ -171,6 +182,7 @@ def main(
                 "stored": stored,
                 "batch": batch,
                 "device": str(dev),
+                "compile": compile_,
                 "num_workers": cfg.num_workers,
                 "bare": round(bare, 1),
                 "tensor_fed": round(tensor_fed, 1),

@@ -233,7 +233,8 @@ def train_epoch(
         set_epoch(setup.epochs_done)
     prox = _prox_grad(setup.model, prox_center, prox_mu) if prox_center and prox_mu else None
     model, device = setup.model, setup.device
-    forward = setup.compiled or model
+    forward = model if setup.compiled is None else setup.compiled  # no truth test: a
+    # compiled module forwards len() to the model, which has none
     model.train()
     start = time.perf_counter()
     total, examples, steps = 0.0, 0, 0
