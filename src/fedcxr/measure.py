@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import numpy as np
@@ -13,6 +12,7 @@ from PIL import Image
 from fedcxr.config import TrainConfig
 from fedcxr.labels import FINDINGS
 from fedcxr.models import build_model
+from fedcxr.parallel import available_cores
 from fedcxr.train.data import make_loader, resize_image
 from fedcxr.train.loop import make_setup, seed_everything, train_epoch
 
@@ -39,8 +39,7 @@ def decode_rate(stored_size: int, n: int = 8, cores: int | None = None) -> float
         with Image.open(io.BytesIO(pngs[i % 2])) as image:
             resize_image(np.asarray(image.convert("L")), stored_size)
     per_core = n / (time.perf_counter() - start)
-    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    return per_core * cores
+    return per_core * (cores or available_cores())
 
 
 def train_rate(

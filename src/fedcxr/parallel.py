@@ -29,14 +29,17 @@ def _run_batch(fn: Callable[[T], R], batch: list[T]) -> list[R]:
     return [fn(item) for item in batch]
 
 
-def n_workers(requested: int = 0) -> int:
-    """0 means one worker per CPU this process may use."""
-    if requested > 0:
-        return requested
+def available_cores() -> int:
+    """CPU cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+def n_workers(requested: int = 0) -> int:
+    """0 means one worker per CPU this process may use."""
+    return requested if requested > 0 else available_cores()
 
 
 def pmap(

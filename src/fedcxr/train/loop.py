@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from fedcxr.config import DPConfig, TrainConfig
 from fedcxr.labels import FINDINGS
+from fedcxr.parallel import available_cores
 from fedcxr.train.augment import model_input
 from fedcxr.train.data import pos_weight
 
@@ -51,14 +51,6 @@ class EpochStats:
 
 
 # --- device, threads, seeds -----------------------------------------------------------------
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def threads_per_process(n_processes: int, cores: int | None = None) -> int:
