@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fedcxr.labels import FINDINGS
+from fedcxr.parallel import available_cores
 from fedcxr.sitedata import IMAGES, SiteData
 from fedcxr.train.augment import draw_params, model_input
 
@@ -78,16 +78,19 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.array(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-def training_copy(images: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
-    """The images at `rows`, down-sampled once to size x size (uint8, in memory), so that no
-    item is resized again per epoch. Pillow releases the GIL: threads share the work."""
-    out = np.empty((len(rows), size, size), dtype=np.uint8)
+def training_copy(
+    arrays: Sequence[np.ndarray], site_of: np.ndarray, row_of: np.ndarray, size: int
+) -> np.ndarray:
+    """Image k = arrays[site_of[k]][row_of[k]], down-sampled once to size x size into one
+    uint8 array in memory, so that no item is resized again per epoch. Pillow releases the
+    GIL: threads share the work."""
+    out = np.empty((len(row_of), size, size), dtype=np.uint8)
 
     def one(k: int) -> None:
-        out[k] = resize_image(images[rows[k]], size)
+        out[k] = resize_image(arrays[site_of[k]][row_of[k]], size)
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(one, range(len(rows))))
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+        list(pool.map(one, range(len(row_of))))
     return out
 
 
@@ -146,11 +149,7 @@ class XrayDataset(Dataset[tuple[torch.Tensor, ...]]):
         # Below the stored size: every selected row once at image_size, in item order.
         self._small: np.ndarray | None = None
         if any(s.images.shape[-1] != image_size for s in sites):
-            parts = [
-                training_copy(site.images, np.asarray(sel, dtype=np.int64), image_size)
-                for site, sel in zip(sites, rows, strict=True)
-            ]
-            self._small = np.concatenate(parts)
+            self._small = training_copy(self._images, self.site_of, self.row_of, image_size)
 
     @classmethod
     def from_split(
@@ -206,8 +205,7 @@ def loader_workers(value: int | str, processes: int = 1, cuda: bool | None = Non
         return int(value)
     if not (torch.cuda.is_available() if cuda is None else cuda):
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(MAX_AUTO_WORKERS, (cores or 1) // max(1, processes) - 1))
+    return max(1, min(MAX_AUTO_WORKERS, available_cores() // max(1, processes) - 1))
 
 
 def make_loader(
