@@ -17,14 +17,11 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
-import pandas as pd
 import typer
+from bench_train import site_folder
 
 from fedcxr.config import Params, load_params
 from fedcxr.federation.runner import run_federation
-from fedcxr.labels import FINDINGS
-from fedcxr.sitedata import IMAGES, INDEX
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 Opt = typer.Option
@@ -33,26 +30,8 @@ SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 
 def make_sites(root: Path, n: int, size: int) -> Path:
     """Five site folders of n random size x size images (one in ten in the val split)."""
-    rng = np.random.default_rng(0)
     for k, site in enumerate(SITES):
-        folder = root / site
-        folder.mkdir(parents=True)
-        images = np.lib.format.open_memmap(
-            folder / IMAGES, mode="w+", dtype=np.uint8, shape=(n, size, size)
-        )
-        images[:] = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
-        images.flush()
-        index = pd.DataFrame(
-            {
-                "image_id": [f"i{k}_{i}" for i in range(n)],
-                "patient_id": [f"p{k}_{i}" for i in range(n)],
-                "split": ["val" if i % 10 == 0 else "train" for i in range(n)],
-            }
-        )
-        for finding in FINDINGS:
-            index[finding] = (rng.random(n) < 0.15).astype(int)
-        index["age"], index["sex"], index["view"] = 50, "M", "PA"
-        index.to_csv(folder / INDEX, index=False)
+        site_folder(root / site, n, size, seed=k, val_every=10, tag=f"{k}_")
     return root
 
 

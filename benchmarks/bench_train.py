@@ -43,8 +43,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def site_folder(root: Path, n: int, stored: int, seed: int = 0) -> SiteData:
-    """A site folder of `n` random stored x stored uint8 images (all in the train split)."""
+def site_folder(
+    root: Path, n: int, stored: int, seed: int = 0, val_every: int = 0, tag: str = ""
+) -> SiteData:
+    """A site folder of `n` random stored x stored uint8 images: all in the train split, or
+    one in `val_every` in the val split; `tag` keeps ids apart between sites."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     images = np.lib.format.open_memmap(
@@ -57,9 +60,9 @@ def site_folder(root: Path, n: int, stored: int, seed: int = 0) -> SiteData:
     del images
     index = pd.DataFrame(
         {
-            "image_id": [f"img{i:06d}" for i in range(n)],
-            "patient_id": [f"p{i:06d}" for i in range(n)],
-            "split": "train",
+            "image_id": [f"img{tag}{i:06d}" for i in range(n)],
+            "patient_id": [f"p{tag}{i:06d}" for i in range(n)],
+            "split": ["val" if val_every and i % val_every == 0 else "train" for i in range(n)],
         }
     )
     for finding in FINDINGS:
