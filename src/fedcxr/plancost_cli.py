@@ -27,7 +27,7 @@ def plan_cost(
     device: Annotated[str, Opt(help="Device to measure training on: cpu or cuda.")] = "cpu",
     train_rate: Annotated[
         float | None,
-        Opt(help="Training images/s measured elsewhere (e.g. bench_train.py on the GPU).")
+        Opt(help="Training images/s measured elsewhere (e.g. bench_train.py on the GPU)."),
     ] = None,
     params: Annotated[Path, Opt("--params", help="params.yaml for the defaults.")] = Path(
         "params.yaml"
