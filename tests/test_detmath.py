@@ -21,15 +21,18 @@ NO_SIMD = (
 _PROBE = """
 import hashlib, numpy as np
 from fedcxr.synth import detmath as dm
+from fedcxr.synth.png import encode_gray_png
 from fedcxr.synth.render import RenderSpec, render
 rng = np.random.default_rng(5)
 x = rng.uniform(-40.0, 3.0, 50_001); t = rng.uniform(-300.0, 300.0, 50_001)
 y, z = rng.normal(size=(2, 50_001)); p = rng.uniform(0.0, 1.0, 50_001).astype(np.float32)
 parts = [dm.exp(x), dm.exp(x.astype(np.float32)), dm.sin(t), dm.cos(t), dm.arctan2(y, z),
-         dm.log(np.abs(y) + 1e-3), dm.power(p, 0.83)]
+         dm.log(np.abs(y) + 1e-3), dm.power(p, 0.83), dm.exp(-(x.astype(np.float32) ** 2)),
+         dm.arctan2(y.astype(np.float32), z.astype(np.float32)), dm.log(p + np.float32(1e-3))]
 spec = RenderSpec(patient_seed=1, image_seed=2, labels=("Pneumonia", "Effusion"), boxes=(),
                   view="AP", age=60.0, sex="F", scanner=3, miss_prob=0.0)
 parts.append(render(spec, 256))
+parts.append(np.frombuffer(encode_gray_png(render(spec, 1024)), np.uint8))
 print(hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in parts)).hexdigest())
 """
 
@@ -82,6 +85,25 @@ def test_accuracy_against_numpy() -> None:
     np.testing.assert_allclose(dm.log(pos), np.log(pos), rtol=4e-16, atol=1e-15)
     u = rng.uniform(0.0, 1.0, 100_000)
     np.testing.assert_allclose(dm.power(u, 0.83), u**0.83, rtol=2e-15, atol=0)
+
+
+def test_float32_accuracy_against_numpy() -> None:
+    """float32 inputs take the float32 kernels: a few float32 ulp, and float32 out."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-100.0, 80.0, 100_000).astype(np.float32)
+    e = dm.exp(x)
+    assert e.dtype == np.float32
+    np.testing.assert_allclose(e, np.exp(x.astype(np.float64)), rtol=3e-7, atol=1e-38)
+    y, z = rng.normal(size=(2, 100_000)).astype(np.float32)
+    a = dm.arctan2(y, z)
+    assert a.dtype == np.float32
+    np.testing.assert_allclose(a, np.arctan2(y.astype(np.float64), z), rtol=0, atol=1e-6)
+    pos = rng.uniform(1e-30, 1e30, 100_000).astype(np.float32)
+    np.testing.assert_allclose(dm.log(pos), np.log(pos.astype(np.float64)), rtol=1e-6, atol=1e-6)
+    u = rng.uniform(0.0, 1.0, 100_000).astype(np.float32)
+    pw = dm.power(u, 0.83)
+    assert pw.dtype == np.float32
+    np.testing.assert_allclose(pw, u.astype(np.float64) ** 0.83, rtol=2e-6, atol=1e-30)
 
 
 def test_edge_values() -> None:

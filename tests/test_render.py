@@ -181,3 +181,16 @@ def test_nih_boxes_used_without_spec_boxes() -> None:
     boxes = mod._nih_boxes()
     assert {"Nodule", "Mass", "Infiltration", "Pneumothorax"} <= set(boxes)
     assert all(v.shape[1] == 4 for v in boxes.values())
+
+
+def test_upsample4_is_bilinear_resize() -> None:
+    from fedcxr.synth.raster import resize, upsample4
+
+    a = np.random.default_rng(0).random((40, 24)).astype(np.float32) * 200
+    up = upsample4(a)
+    assert up.shape == (160, 96) and up.dtype == np.float32
+    np.testing.assert_allclose(up, resize(a, 160, 96, bicubic=False), atol=1e-3)
+    noise = np.random.default_rng(1).normal(0, 30, (160, 96)).astype(np.float32)
+    quant = upsample4(a, noise, quantize=True, block=7)
+    assert quant.dtype == np.uint8
+    assert np.array_equal(quant, np.clip(up + noise, 0, 255).astype(np.uint8))

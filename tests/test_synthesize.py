@@ -104,3 +104,70 @@ def test_enrich_rejects_unknown_findings_and_weights_below_one():
     for bad in ({"Pneumonitis": 2.0}, {"Pneumonia": 0.5}):
         with pytest.raises(ConfigError, match=r"data\.synthetic\.enrich"):
             parse_params({"data": {"synthetic": {"enrich": bad}}})
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (3, 5), (7, 7), (64, 33), (100, 1)])
+@pytest.mark.parametrize("kind", ["random", "constant", "three levels"])
+def test_png_encoder_round_trips_through_pil(shape, kind):
+    from io import BytesIO
+
+    from fedcxr.synth.png import encode_gray_png
+
+    rng = np.random.default_rng(sum(shape))
+    pixels = {
+        "random": rng.integers(0, 256, shape, dtype=np.uint8),
+        "constant": np.full(shape, 7, np.uint8),
+        "three levels": (rng.integers(0, 3, shape) * 100).astype(np.uint8),
+    }[kind]
+    data = encode_gray_png(pixels)
+    assert data == encode_gray_png(pixels.copy())
+    with Image.open(BytesIO(data)) as image:
+        assert image.format == "PNG" and image.mode == "L" and image.size == shape[::-1]
+        assert np.array_equal(np.asarray(image), pixels)
+
+
+def test_png_encoder_on_a_radiograph_is_smaller_than_pils_level_1():
+    from io import BytesIO
+
+    from fedcxr.synth.png import encode_gray_png
+    from fedcxr.synth.render import RenderSpec, render
+
+    pixels = render(RenderSpec(3, 4, ("Mass",), scanner=1), 1024)
+    data = encode_gray_png(pixels)
+    with Image.open(BytesIO(data)) as image:
+        assert np.array_equal(np.asarray(image), pixels)
+    pil = BytesIO()
+    Image.fromarray(pixels, mode="L").save(pil, format="PNG", compress_level=1)
+    assert len(data) < len(pil.getvalue())
+
+
+def test_png_encoder_rejects_what_is_not_gray8():
+    from fedcxr.synth.png import encode_gray_png
+
+    with pytest.raises(ValueError, match="2-D uint8"):
+        encode_gray_png(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="2-D uint8"):
+        encode_gray_png(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_huffman_lengths_are_limited_complete_and_optimal():
+    import heapq
+
+    from fedcxr.synth.png import huffman_lengths
+
+    fib = [1, 1]
+    while len(fib) < 30:
+        fib.append(fib[-1] + fib[-2])  # unlimited Huffman would need 29 bits
+    lengths = huffman_lengths(fib, 15)
+    assert max(lengths) == 15 and sum(2.0**-n for n in lengths) == 1.0
+    counts = np.random.default_rng(1).integers(1, 1000, 40).tolist()
+    lengths = huffman_lengths(counts, 15)
+    heap = list(counts)
+    heapq.heapify(heap)
+    cost = 0  # the cost of an unlimited Huffman code: the sum of its merges
+    while len(heap) > 1:
+        merged = heapq.heappop(heap) + heapq.heappop(heap)
+        cost += merged
+        heapq.heappush(heap, merged)
+    assert sum(c * n for c, n in zip(counts, lengths, strict=True)) == cost
+    assert huffman_lengths([0, 5, 0], 7) in ([1, 1, 0], [0, 1, 1])  # two codes at least
