@@ -26,7 +26,13 @@ from fedcxr.federation.protocol import (
 )
 from fedcxr.federation.records import RoundRecord, RoundTiming, SiteOutcome, split_timings
 from fedcxr.federation.resume import restore, resuming, save_round
-from fedcxr.federation.strategies import SiteUpdate, check_upload, get_strategy
+from fedcxr.federation.strategies import (
+    ServerOpt,
+    ServerState,
+    SiteUpdate,
+    check_upload,
+    get_strategy,
+)
 from fedcxr.federation.tlswatch import watch_handshakes
 from fedcxr.tensorfile import LazyState, State, file_sha256, write_state_file
 
@@ -39,6 +45,8 @@ class FederationState:
     or been refused, and the accepted ones are aggregated in site-id order. After each round the
     checkpoint is written atomically, so a killed federation resumes after its last round.
     `history` holds one RoundRecord per completed round (reproducible), `timings` its seconds.
+    A server optimizer's state (`server_state`: m, v of fedavgm/fedadam/fedyogi, settings
+    `server_opt`) lives here between rounds and is checkpointed with each round's model.
 
     Memory does not grow with the number of sites: the global model is served from a file,
     uploads are spooled to files in `work_dir` (a private temporary folder by default) and
@@ -60,6 +68,7 @@ class FederationState:
         stop_after_round: int | None = None,
         on_round_completed: Callable[[int, State], None] | None = None,
         work_dir: Path | None = None,
+        server_opt: ServerOpt | None = None,
     ) -> None:
         if not sites:
             raise FederationError("a federation needs at least one site on its allow-list")
@@ -70,6 +79,9 @@ class FederationState:
         self.sites: tuple[str, ...] = tuple(sorted(sites))
         self.rounds = rounds
         self.strategy = get_strategy(strategy)
+        # The server optimizer's settings (its defaults, fl.server_lr auto, when not given).
+        self.server_opt = server_opt if server_opt is not None else self.strategy.server_opt()
+        self.server_state: ServerState = {}
         self.federation_id = federation_id
         self.config_json = json.dumps(
             {"strategy": self.strategy.name, **round_config}, sort_keys=True, allow_nan=False
@@ -102,8 +114,9 @@ class FederationState:
         start_round = 1
         global_state = {k: v.detach().to("cpu") for k, v in initial_state.items()}
         if resuming(self.checkpoint, resume):
-            restored = restore(self.checkpoint, self.strategy.name, global_state)
+            restored = restore(self.checkpoint, self.strategy, global_state, self.server_opt)
             global_state, start_round = restored.state, restored.round + 1
+            self.server_state = restored.server_state
             self.history, self.timings = restored.history, restored.timings
             audit.append("federation_resumed", from_round=start_round, checkpoint=str(checkpoint))
         self.round = start_round  # the round in progress (rounds + 1 once finished)
@@ -184,7 +197,15 @@ class FederationState:
     def _close_round(self) -> None:
         rnd = self.round
         accepted = [self._updates[s] for s in self.sites if s in self._updates]
-        new_state = self.strategy.aggregate(accepted) if accepted else None
+        new_state = None
+        if accepted:
+            current = self._reference()
+            try:
+                new_state, self.server_state = self.strategy.aggregate(
+                    current, accepted, self.server_state, self.server_opt
+                )
+            finally:
+                current.close()
         self._discard_updates()
         timing = RoundTiming(
             rnd, round(time.monotonic() - self._round_started, 6), dict(self._epoch_s)
@@ -195,12 +216,14 @@ class FederationState:
         self._set_model(new_state)
         self.history.append(RoundRecord(rnd, self._sha, {s: self._outcomes[s] for s in self.sites}))
         self.timings.append(timing)
-        meta = {
+        meta: dict[str, object] = {
             "strategy": self.strategy.name,
             "federation_id": self.federation_id,
             "sites": list(self.sites),
         }
-        save_round(self.checkpoint, new_state, self.history, self.timings, meta)
+        if self.strategy.slots:
+            meta["server_opt"] = self.server_opt.to_json()
+        save_round(self.checkpoint, new_state, self.history, self.timings, meta, self.server_state)
         if accepted:
             self.audit.append(
                 ev.AGGREGATED,
