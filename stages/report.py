@@ -27,6 +27,9 @@ def context_from(params: Params) -> RunContext:
         dp_enabled=params.dp.enabled,
         dp_noise_multiplier=params.dp.noise_multiplier,
         dp_delta=params.dp.delta,
+        # dp.accountant is newer than some params files: absent -> not named from params
+        dp_accountant=getattr(params.dp, "accountant", None),
+        batch_size=params.train.batch_size,
     )
 
 
@@ -46,6 +49,9 @@ def main(
     gradcam: Input,
     train: Annotated[Path, typer.Option(help="The federations' summaries (<family>/*.json).")],
     live: Annotated[Path, typer.Option(help="The federations' DVCLive folders.")],
+    curves: Annotated[
+        Path, typer.Option(help="Learning curves of every run (evaluate's curves.json).")
+    ],
     partition: Input,
     deid: Input,
     ingest: Input,
@@ -65,6 +71,7 @@ def main(
         deid=deid,
         ingest=ingest,
         gradcam_dir=gradcam,
+        curves=curves,
     )
     shutil.rmtree(figures, ignore_errors=True)  # no figure left over from an earlier run
     result = render_report(paths, markdown, html, figures, context_from(params))

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from fedcxr.models import MODELS, build_model
-from fedcxr.report import fmt
+from fedcxr.report import budgets, fmt, paper
+from fedcxr.report.figures import forest_plot, forest_rows, learning_plot
 from fedcxr.report.gradcam import (
     TARGET_LAYERS,
     gradcam_panel,
@@ -23,10 +24,10 @@ from fedcxr.report.gradcam import (
     panel_figure,
     target_layer,
 )
-from fedcxr.report.inputs import ReportPaths, RunContext
-from fedcxr.report.reading import judge
+from fedcxr.report.inputs import ReportPaths, RunContext, load_inputs
+from fedcxr.report.reading import claim_sentence, judge
 from fedcxr.report.render import SECTIONS, render_report
-from fedcxr.report.tables import config_label
+from fedcxr.report.tables import config_label, task_label
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report"
 CONTEXT = RunContext(
@@ -72,17 +73,89 @@ def test_html_is_self_contained_with_data_uri_images(rendered):
     assert 'src="http' not in page and 'href="http' not in page
     assert "<link" not in page and "<script" not in page and "url(" not in page
     sources = re.findall(r'<img[^>]*src="([^"]+)"', page)
-    # 4 generated figures (ROC x2, training curves, epsilon) + the Grad-CAM panel
-    assert len(sources) == len(result.figures) + 1 == 5
+    # 6 generated figures (forest, learning curves, ROC x2, per-round curves, epsilon) + the
+    # Grad-CAM panel
+    assert len(sources) == len(result.figures) + 1 == 7
     assert all(s.startswith("data:image/png;base64,") for s in sources)
 
 
 def test_markdown_links_figures_that_exist(rendered):
     result, md, _, _ = rendered
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 5
+    assert len(links) == 7
     for link in links:
         assert (result.markdown.parent / link).is_file(), link
+
+
+def _first_table(text: str, md: bool) -> int:
+    return text.index("\n| ") if md else text.index("<table")
+
+
+def test_forest_plot_is_the_first_figure_before_any_table(rendered):
+    result, md, page, _ = rendered
+    assert result.figures[0].name == "forest_auroc.png"
+    first_link = re.search(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert first_link and first_link.group(1).endswith("forest_auroc.png")
+    assert first_link.start() < _first_table(md, True)
+    assert md.index("Test AUROC of every configuration") < md.index("## Reading the results")
+    first_img = re.search(r'<img alt="([^"]*)"', page)
+    assert first_img and first_img.group(1).startswith("Test AUROC of every configuration")
+    assert first_img.start() < _first_table(page, False)
+
+
+def _synthetic_metrics() -> dict:
+    def m(value, lo=None, hi=None):
+        out = {"auroc_macro": value, "n_test_images": 50, "n_test_patients": 20}
+        return out | ({"auroc_macro_lo": lo, "auroc_macro_hi": hi} if lo is not None else {})
+
+    return {
+        "federated": {"multilabel": m(0.71, 0.66, 0.75), "pneumonia": m(0.64, 0.52, 0.77)},
+        "centralized": {"multilabel": m(0.74, 0.70, 0.78)},
+        "single_node": {"pneumonia": m(None)},  # not computed: no row
+        "local_site-c": {"multilabel": m(0.60)},  # no CI: a point without a bar
+        "local_site-a": {"multilabel": m(0.62, 0.55, 0.69), "pneumonia": m(0.58, 0.41, 0.74)},
+        "comparisons": {},
+    }
+
+
+def test_forest_plot_rows_follow_the_report_order_and_omit_absent_configs(tmp_path):
+    configs = {k: v for k, v in _synthetic_metrics().items() if k != "comparisons"}
+    assert [r.config for r in forest_rows(configs, "multilabel")] == [
+        "federated",
+        "centralized",
+        "local_site-a",
+        "local_site-c",
+    ]
+    assert [r.config for r in forest_rows(configs, "pneumonia")] == ["federated", "local_site-a"]
+    assert forest_rows(configs, "multilabel")[-1].lo is None
+    fig = forest_plot(configs, ["multilabel", "pneumonia"])
+    assert fig is not None and len(fig.axes) == 2
+    ticks = [[t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes]
+    assert ticks[0] == [
+        "Federated",
+        "Centralized (multi-node)",
+        "Site-local (site-a)",
+        "Site-local (site-c)",
+    ]
+    assert ticks[1] == ["Federated", "Site-local (site-a)"]
+    shown = " ".join(ticks[0] + ticks[1])
+    assert "DP" not in shown and "Single node" not in shown and "site-b" not in shown
+    lines = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert "best pooled: Centralized (multi-node), 0.740" in lines
+    assert forest_plot(configs, []) is None and forest_plot({}, ["multilabel"]) is None
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(_synthetic_metrics()))
+    result = render_report(
+        ReportPaths().under(tmp_path), tmp_path / "r.md", tmp_path / "r.html", context=CONTEXT
+    )
+    forest = result.markdown.parent / "report_figures" / "forest_auroc.png"
+    assert forest in result.figures
+    with Image.open(forest) as png:
+        assert png.format == "PNG" and png.width > png.height
+    md, page = result.markdown.read_text(), result.html.read_text()
+    assert md.index("forest_auroc.png") < _first_table(md, True)
+    assert page.index('<img alt="Test AUROC') < _first_table(page, False)
 
 
 def test_table1_shows_the_fixture_numbers_with_ci_seed_spread_and_paper(rendered):
@@ -98,6 +171,8 @@ def test_table1_shows_the_fixture_numbers_with_ci_seed_spread_and_paper(rendered
     single_seed = f"{pneu['auroc_macro']:.3f} ({pneu['auroc_macro_lo']:.3f}–"
     for text, is_md in ((md, True), (page, False)):
         table1 = _section(text, "Table 1 — Classification performance", is_md)
+        if not is_md:  # the text a reader sees: cells hold spans that say where a line may wrap
+            table1 = html.unescape(re.sub(r"<[^>]+>", "", table1))
         assert expected in table1
         table1b = table1[table1.index("Table 1b") :]
         assert single_seed in table1b and f"{pneu['auroc_macro']:.3f} ±" not in table1b
@@ -191,6 +266,226 @@ def test_judge_falls_back_on_confidence_intervals():
     assert judge({"delong_p": 0.2}, a, b).beyond_noise is False  # the test wins over CIs
     assert judge(None, {"auroc_macro": 0.8}, b).beyond_noise is None
     assert fmt.estimate({"f1": None}, "f1") == fmt.MISSING
+
+
+# --- Learning curves, convergence, budgets, detectable differences ------------------------
+
+
+def _render_variant(tmp_path: Path, edit=None, context: RunContext = CONTEXT) -> str:
+    """The fixture report after `edit(metrics)` changed metrics.json; its Markdown."""
+    shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
+    paths = ReportPaths().under(tmp_path)
+    if edit is not None:
+        metrics = json.loads(paths.metrics.read_text())
+        edit(metrics)
+        paths.metrics.write_text(json.dumps(metrics))
+    result = render_report(paths, tmp_path / "r.md", tmp_path / "r.html", context=context)
+    return result.markdown.read_text()
+
+
+def _trainings(metrics: dict):
+    return [
+        (config, task, m["training"])
+        for config, per_task in metrics.items()
+        if config != "comparisons"
+        for task, m in per_task.items()
+        if "training" in m
+    ]
+
+
+def test_learning_curve_figure_has_a_panel_per_task_and_marks_non_converged_runs(rendered):
+    result, md, page, _ = rendered
+    data = load_inputs(ReportPaths().under(FIXTURE))
+    assert set(data.learning) == {"multilabel", "pneumonia"}
+    fig = learning_plot(data.learning, data.tasks())
+    assert fig is not None and len(fig.axes) == 2
+    assert [ax.get_title() for ax in fig.axes] == [
+        "Multi-label (14 findings)",
+        "Pneumonia (binary)",
+    ]
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert "Federated + DP, 3 seeds (not converged)" in legends[0]
+    assert "Federated, 3 seeds" in legends[0]  # converged: no mark
+    assert "Site-local, 2 sites (not converged: site-b)" in legends[0]
+    assert not [t for t in legends[1] if "(not converged" in t]  # pneumonia: all converged
+
+    # DP (3 seeds) and site-b (3 seeds) end hollow on dashed lines; pneumonia none
+    for ax, stalled in zip(fig.axes, (6, 0), strict=True):
+        assert sum(ln.get_markerfacecolor() == "white" for ln in ax.get_lines()) == stalled
+        assert sum(ln.get_linestyle() == "--" for ln in ax.get_lines()) == stalled
+    assert learning_plot({}, ["multilabel"]) is None
+
+    png = result.markdown.parent / "report_figures" / "learning_curves.png"
+    assert png in result.figures
+    section = _section(md, "Learning curves")
+    assert "learning_curves.png" in section and "hollow marker on a dashed line" in section
+    assert 'alt="Learning curves:' in _section(page, "Learning curves", md=False)
+
+
+def test_convergence_table_lists_every_configuration(rendered):
+    _, md, _, metrics = rendered
+    section = _section(md, "Convergence and budgets")
+    entries = _trainings(metrics)
+    assert len(entries) == 8
+    for config, task, t in entries:
+        table = section[section.index(f"Convergence — {task_label(task)}") :]
+        row = next(x for x in table.splitlines() if x.startswith(f"| {config_label(config)} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == str(t["epochs"])
+        assert (
+            cells[2] == f"{t['best_val_auroc']:.3f}" and cells[3] == f"{t['final_val_auroc']:.3f}"
+        )
+        assert cells[4] == ("yes" if t["converged"] else "no")
+        assert ("still improving" in cells[5]) == (not t["converged"]), row
+    rounds = metrics["federated"]["multilabel"]["training"]["rounds_to_reach"]
+    assert "95% of the centralized model's final validation AUROC" in section
+    assert f"{rounds:.1f} rounds (mean over seeds)" in section
+
+
+def test_steps_follow_the_partition_and_batch_size(rendered):
+    _, md, _, _ = rendered
+    section = _section(md, "Convergence and budgets")
+    partition = json.loads((FIXTURE / "reports" / "partition.json").read_text())
+    n_k = {s: v["train"]["images"] for s, v in partition["sets"].items() if s != "test"}
+    n = sum(n_k.values())
+    steps = -(-n // paper.BATCH_SIZE)
+    assert f"3 × ⌈{n}/{paper.BATCH_SIZE}⌉ = {3 * steps} optimizer steps on one model" in section
+    assert "(assumed: the paper's batch size)" in section  # CONTEXT has no batch size
+    per_site = ", ".join(f"{s} {-(-k // paper.BATCH_SIZE)}" for s, k in n_k.items())
+    assert f"({per_site})" in section and "the global model moves 3 times" in section
+    assert "is not E pooled epochs" in section
+
+
+def test_budget_limited_appears_exactly_when_a_configuration_did_not_converge(rendered, tmp_path):
+    _, md, _, metrics = rendered
+    stalled = [(c, t) for c, t, e in _trainings(metrics) if not e["converged"]]
+    assert stalled == [("federated_dp", "multilabel"), ("local_site-b", "multilabel")]
+    reading = _section(md, "Reading the results")
+    lines = [x for x in reading.splitlines() if x.startswith("- ")]
+    assert lines[0].startswith("- Not converged — multi-label (14 findings): Federated + DP, ")
+    flagged = [x for x in lines if "budget-limited" in x.lower()]
+    assert len(flagged) == 3  # the opening line, Federated vs DP, the site-local line
+    assert "Federated vs Federated + DP:" in flagged[1] and "Budget-limited" in flagged[1]
+    assert "within noise of site-b (budget-limited)" in flagged[2]
+    assert "site-a (budget-limited)" not in flagged[2]
+
+    def all_converged(m: dict) -> None:
+        for _, _, entry in _trainings(m):
+            entry["converged"] = True
+
+    converged = _render_variant(tmp_path, all_converged)
+    assert "budget-limited" not in converged.lower()
+    assert "- Every configuration converged" in _section(converged, "Reading the results")
+
+
+def test_budget_sentence_says_whether_budgets_were_equal(rendered, tmp_path):
+    _, md, _, metrics = rendered
+    epochs = {t["epochs"] for _, _, t in _trainings(metrics)}
+    assert epochs == {3}
+    section = _section(md, "Convergence and budgets")
+    assert "- Equal budgets: 3 epochs each" in section and "not equal" not in section
+
+    def longer_federated(m: dict) -> None:
+        for task in m["federated"]:
+            m["federated"][task]["training"]["epochs"] = 5
+
+    unequal = _section(_render_variant(tmp_path, longer_federated), "Convergence and budgets")
+    assert "Equal budgets" not in unequal
+    assert "Budgets are not equal" in unequal
+    assert "5 epochs for Federated; 3 epochs for Federated + DP, Centralized" in unequal
+    assert "fl.local_epochs=5" in unequal
+    one_task = dict(metrics)
+    one_task["federated"] = {
+        "multilabel": {"training": {"epochs": 5}},
+        "pneumonia": {"training": {"epochs": 3}},
+    }
+    assert "5 epochs for Federated (multi-label (14 findings))" in budgets.budget_sentence(
+        {k: v for k, v in one_task.items() if k != "comparisons"}
+    )
+
+
+def test_each_comparison_gives_its_detectable_difference_and_the_claim_uses_it(rendered):
+    _, md, _, metrics = rendered
+    lines = [x for x in _section(md, "Reading the results").splitlines() if x.startswith("- ")]
+    low, high, _ = paper.CLAIMED_GAIN_HEADLINE
+    for task, comps in metrics["comparisons"].items():
+        label = "Multi-label" if task == "multilabel" else "Pneumonia"
+        for key, comp in comps.items():
+            other = key.removeprefix("federated_vs_")
+            if other.startswith("local_"):
+                continue
+            line = next(
+                x
+                for x in lines
+                if x.startswith(f"- {label}") and f"Federated vs {config_label(other)}:" in x
+            )
+            assert f"80% power) is {comp['mdd_80']:.3f}." in line, line
+            if other == "single_node":
+                assert f"+{low:.1f} to +{high:.1f} AUROC points" in line
+                assert high / 100 < comp["mdd_80"]  # the fixture: too small to detect
+                assert "this test set cannot detect a difference of that size" in line
+            else:
+                assert "headline claim" not in line
+    local = next(x for x in lines if "site-local models" in x)
+    assert "Smallest detectable differences (80% power): 0.060–0.070." in local
+    assert "cannot detect" in claim_sentence(high / 100 + 0.001)
+    detectable = claim_sentence(low / 100)
+    assert "can detect a difference of that size" in detectable and "cannot" not in detectable
+    assert "straddles" in claim_sentence((low + high) / 200)
+    assert claim_sentence(None) == ""
+
+
+def test_reading_states_the_test_set(rendered):
+    _, md, _, metrics = rendered
+    fed = metrics["federated"]["multilabel"]
+    reading = _section(md, "Reading the results")
+    assert (
+        f"- Test set (held out, every configuration): {fed['n_test_images']} test images, "
+        f"{fed['n_test_patients']} patients; 0 pneumonia-positive images" in reading
+    )
+
+
+def test_judge_says_when_the_test_and_the_paired_ci_disagree():
+    verdict = judge({"delong_p": 0.01, "auroc_diff_lo": -0.01, "auroc_diff_hi": 0.05}, None, None)
+    assert verdict.beyond_noise is True and "mixed evidence" in verdict.evidence
+    agree = judge({"bootstrap_p": 0.01, "auroc_diff_lo": 0.01, "auroc_diff_hi": 0.05}, None, None)
+    assert "mixed" not in agree.evidence
+
+
+def test_dp_section_names_the_accountant(rendered, tmp_path):
+    _, md, _, _ = rendered
+    assert "recorded neither" in _section(md, "Differential privacy: ε per site and round")
+    rdp = RunContext(**{**CONTEXT.__dict__, "dp_accountant": "rdp"})
+    dp = _section(
+        _render_variant(tmp_path / "params", context=rdp),
+        "Differential privacy: ε per site and round",
+    )
+    assert "Opacus's RDP accountant" in dp and "(dp.accountant: rdp)" in dp
+    shutil.copytree(FIXTURE, tmp_path / "recorded", dirs_exist_ok=True)
+    federated = tmp_path / "recorded" / "reports" / "federated.json"
+    summary = json.loads(federated.read_text())
+    for record in summary["per_round"]:
+        for site in record["sites"].values():
+            site["accountant"] = "prv"
+    federated.write_text(json.dumps(summary))
+    paths = ReportPaths().under(tmp_path / "recorded")
+    result = render_report(paths, tmp_path / "r.md", tmp_path / "r.html", context=rdp)
+    dp = _section(result.markdown.read_text(), "Differential privacy: ε per site and round")
+    assert "Opacus's PRV accountant" in dp and f"as recorded in {federated}" in dp
+
+
+def test_curves_are_optional_and_malformed_ones_name_the_file(tmp_path):
+    shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
+    paths = ReportPaths().under(tmp_path)
+    paths.curves.unlink()
+    result = render_report(paths, tmp_path / "r.md", tmp_path / "r.html", context=CONTEXT)
+    assert f"No learning curves: {paths.curves} is absent" in result.markdown.read_text()
+    assert str(paths.curves) in result.absent
+    paths.curves.write_text(
+        json.dumps({"multilabel": {"federated": {"s1": {"curve": [[1]], "converged": True}}}})
+    )
+    with pytest.raises(ValueError, match=r"curves\.json: 'multilabel\.federated\.s1'\.curve"):
+        render_report(paths, tmp_path / "r.md", tmp_path / "r.html")
 
 
 # --- Grad-CAM -------------------------------------------------------------------------------

@@ -62,10 +62,13 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
        max-width: 70em; padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { border-bottom: 1px solid #bbb; padding-bottom: .1em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
-th, td { border: 1px solid #ccc; padding: .25em .55em; text-align: left; vertical-align: top; }
+.table-wrap { overflow-x: auto; margin: .8em 0; }
+table { border-collapse: collapse; font-size: .84em; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: .25em .45em; text-align: left; vertical-align: top; }
 th { background: #f1f1f1; }
 td.num { text-align: right; white-space: nowrap; }
+td.num.split { white-space: normal; }
+td.split span { white-space: nowrap; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: .3em; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .4em .8em; }
 figure { margin: 1em 0; }
@@ -89,6 +92,21 @@ def numeric_columns(table: Table) -> list[bool]:
         cells = [row[i] for row in table.rows]
         flags.append(i > 0 and bool(cells) and all(_NUMERIC.match(c) for c in cells))
     return flags
+
+
+_BRACKETED = re.compile(r"^(.+) (\([^()]{1,24}\))$")
+
+
+def _html_cell(text: str, numeric: bool) -> str:
+    """A table cell. One ending in a short bracket ('0.712 (0.690–0.730)', 'Site-local
+    (site-a)') may wrap before the bracket and nowhere inside it; a number wraps nowhere else."""
+    esc = html.escape
+    found = _BRACKETED.match(text)
+    if not found:
+        return f'<td class="num">{esc(text)}</td>' if numeric else f"<td>{esc(text)}</td>"
+    head = f"<span>{esc(found[1])}</span>" if numeric else esc(found[1])
+    kind = "num split" if numeric else "split"
+    return f'<td class="{kind}">{head} <span>{esc(found[2])}</span></td>'
 
 
 def _md_cell(text: str) -> str:
@@ -145,15 +163,16 @@ def to_html(blocks: list[AnyBlock], title: str) -> str:
         elif isinstance(block, Table):
             caption = f"<caption>{esc(block.caption)}</caption>" if block.caption else ""
             head = "".join(f"<th>{esc(h)}</th>" for h in block.headers)
-            align = [' class="num"' if right else "" for right in numeric_columns(block)]
+            numeric = numeric_columns(block)
             rows = "".join(
                 "<tr>"
-                + "".join(f"<td{a}>{esc(c)}</td>" for a, c in zip(align, row, strict=True))
+                + "".join(_html_cell(c, n) for n, c in zip(numeric, row, strict=True))
                 + "</tr>"
                 for row in block.rows
             )
             body.append(
-                f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+                f'<div class="table-wrap"><table>{caption}<thead><tr>{head}</tr></thead>'
+                f"<tbody>{rows}</tbody></table></div>"
             )
         elif isinstance(block, Figure):
             body.append(

@@ -27,6 +27,7 @@ class ReportPaths:
     deid: Path = Path("reports/deid.json")
     ingest: Path = Path("reports/ingest.json")
     gradcam_dir: Path = Path("reports/figures")  # gradcam_<task>.png
+    curves: Path = Path("reports/curves.json")  # task -> config -> "s<seed>" -> learning curve
 
     def under(self, root: Path) -> ReportPaths:
         """The same layout below another folder (a test fixture, another checkout)."""
@@ -47,6 +48,8 @@ class RunContext:
     dp_enabled: bool | None = None
     dp_noise_multiplier: float | None = None
     dp_delta: float | None = None
+    dp_accountant: str | None = None  # params dp.accountant (rdp | prv), where params have it
+    batch_size: int | None = None  # params train.batch_size: optimizer steps per epoch
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,20 @@ class Curve:
 
     x: np.ndarray
     y: np.ndarray
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    """One run's learning curve: x = cumulative local epochs, y = validation macro AUROC on the
+    pooled validation splits (NaN where undefined), and whether the run converged."""
+
+    x: np.ndarray
+    y: np.ndarray
+    converged: bool
+
+
+# task -> config -> seed tag ("s42") -> curve
+LearningCurves = dict[str, dict[str, dict[str, LearningCurve]]]
 
 
 @dataclass
@@ -72,6 +89,7 @@ class ReportData:
     global_curves: dict[str, Curve] = field(default_factory=dict)  # name -> curve
     site_curves: dict[str, dict[str, Curve]] = field(default_factory=dict)  # site -> name -> c
     gradcam: dict[str, Path] = field(default_factory=dict)  # task -> PNG
+    learning: LearningCurves = field(default_factory=dict)  # from curves.json
     absent: list[str] = field(default_factory=list)  # input paths that were not found
 
     def configs(self) -> dict[str, dict[str, Any]]:
@@ -152,6 +170,45 @@ def read_live(path: Path) -> Curve:
     return Curve(frame["step"].to_numpy(float) + 1.0, frame[name].to_numpy(float))
 
 
+def _learning_curve(item: Any, where: str) -> LearningCurve:
+    if not isinstance(item, dict) or not isinstance(item.get("converged"), bool):
+        raise ValueError(f"{where}: expected an object with 'curve' and 'converged' (true/false)")
+    points = item.get("curve")
+    if not isinstance(points, list):
+        raise ValueError(f"{where}.curve: expected a list of [epochs, val_auroc] pairs")
+    xs, ys = [], []
+    for point in points:
+        pair = isinstance(point, list) and len(point) == 2
+        if not pair or not _is_number(point[0]) or not (point[1] is None or _is_number(point[1])):
+            raise ValueError(
+                f"{where}.curve: expected [epochs, val_auroc or null] pairs, found {point!r}"
+            )
+        xs.append(float(point[0]))
+        ys.append(np.nan if point[1] is None else float(point[1]))
+    return LearningCurve(np.asarray(xs, float), np.asarray(ys, float), item["converged"])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_curves(path: Path, absent: list[str]) -> LearningCurves:
+    """curves.json: task -> config -> "s<seed>" -> {"curve": [[epochs, auroc], ...],
+    "converged": bool}; {} (and the path noted in `absent`) when there is no file."""
+    data = read_json(path, absent)
+    out: LearningCurves = {}
+    for task, per_config in (data or {}).items():
+        if not isinstance(per_config, dict):
+            raise ValueError(f"{path}: expected '{task}' to map configurations to runs")
+        for config, per_seed in per_config.items():
+            if not isinstance(per_seed, dict):
+                raise ValueError(f"{path}: expected '{task}.{config}' to map seeds to curves")
+            for seed, item in per_seed.items():
+                curve = _learning_curve(item, f"{path}: '{task}.{config}.{seed}'")
+                out.setdefault(task, {}).setdefault(config, {})[seed] = curve
+    return out
+
+
 def _read_live_dir(folder: Path) -> dict[str, Curve]:
     return {p.stem: read_live(p) for p in sorted(folder.glob("*.tsv"))}
 
@@ -170,6 +227,7 @@ def load_inputs(paths: ReportPaths) -> ReportData:
     data.partition = read_json(paths.partition, absent)
     data.deid = read_json(paths.deid, absent)
     data.ingest = read_json(paths.ingest, absent)
+    data.learning = read_curves(paths.curves, absent)
 
     if paths.roc_dir.is_dir():
         for task_dir in sorted(p for p in paths.roc_dir.iterdir() if p.is_dir()):

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedcxr.report import fmt, paper
+from fedcxr.report import budgets, fmt, paper
 from fedcxr.report.inputs import ReportData, RunContext
-from fedcxr.report.tables import config_label, configs_with, ordered, task_label
+from fedcxr.report.tables import config_label, configs_with, ordered, task_label, test_set_size
 
 ALPHA = 0.05
 KEY = "auroc_macro"
@@ -78,6 +78,9 @@ def judge(
             evidence = f"{test} p < 0.001" if p < 0.001 else f"{test} p = {p:.3f} {sign} {ALPHA}"
             if ci_text:
                 evidence += f"; {ci_text}"
+            if lo is not None and hi is not None and (lo > 0 or hi < 0) != (p < ALPHA):
+                excludes = "excludes" if lo > 0 or hi < 0 else "includes"
+                evidence += f"; mixed evidence: the paired CI {excludes} 0"
             return Verdict(diff, p < ALPHA, evidence)
     if overlap is not None:
         return Verdict(diff, not overlap, f"no test recorded; {ci_text}")
@@ -126,22 +129,81 @@ def _paper_sentence(task: str, a: str, b: str, verdict: Verdict) -> str:
     return text + "; the difference here goes the other way."
 
 
+def _mdd(comps: Mapping[str, Any], a: str, b: str) -> float | None:
+    """The comparison's smallest detectable difference (symmetric in a and b)."""
+    comparison = comps.get(f"{a}_vs_{b}") or comps.get(f"{b}_vs_{a}") or {}
+    return fmt.number(comparison.get("mdd_80"))
+
+
+def mdd_sentence(mdd: float | None) -> str:
+    """The smallest AUROC difference this test set detects, in words."""
+    if mdd is None:
+        return ""
+    return (
+        f" The smallest difference this test set detects (paired, two-sided, 80% power) "
+        f"is {mdd:.3f}."
+    )
+
+
+def claim_sentence(mdd: float | None) -> str:
+    """The paper's headline gain of federated over single node against `mdd`."""
+    if mdd is None:
+        return ""
+    low, high, where = paper.CLAIMED_GAIN_HEADLINE
+    head = (
+        f" The paper's headline claim, +{low:.1f} to +{high:.1f} AUROC points of federated over "
+        f"single-node training ({where}), "
+    )
+    if high / 100 < mdd:
+        return head + (
+            f"is smaller than {mdd:.3f}: this test set cannot detect a difference of that size, "
+            f"so it can neither confirm nor refute the claim."
+        )
+    if low / 100 >= mdd:
+        return head + f"is at least {mdd:.3f}: this test set can detect a difference of that size."
+    return head + (
+        f"straddles {mdd:.3f}: this test set can detect the upper end of the claim but not "
+        f"the lower."
+    )
+
+
+def budget_sentence(stalled: list[str]) -> str:
+    """' Budget-limited: ...' when a compared configuration did not converge."""
+    if not stalled:
+        return ""
+    names = " and ".join(config_label(c) for c in stalled)
+    verb = "were" if len(stalled) > 1 else "was"
+    return (
+        f" Budget-limited: {names} {verb} still improving when training stopped, so this "
+        f"difference reflects the training budget as much as the method."
+    )
+
+
 def comparison_lines(
     task: str, configs: Mapping[str, Mapping[str, Any]], comps: Mapping[str, Any]
 ) -> list[str]:
-    """One sentence per comparison with the federated model (site-local ones grouped)."""
+    """One sentence per comparison with the federated model (site-local ones grouped), each
+    with the smallest difference the test set detects and, where a compared configuration did
+    not converge, marked budget-limited."""
     present = configs_with(configs, task)
+    stalled = set(budgets.not_converged(configs, task))
     if "federated" not in present:
         return [f"{task_label(task).capitalize()}: no federated result, so no comparison with it."]
     others = set(present) - {"federated"}
     others |= {k.removeprefix("federated_vs_") for k in comps if k.startswith("federated_vs_")}
     lines = []
     locals_: dict[str, list[str]] = {"higher": [], "lower": [], "within": [], "unknown": []}
+    local_mdd: list[float] = []
     fed = configs["federated"][task]
     for other in ordered(others):
         verdict = _compare_pair(task, "federated", other, configs, comps)
+        mdd = _mdd(comps, "federated", other)
         if other.startswith("local_"):
             site = other.removeprefix("local_")
+            if mdd is not None:
+                local_mdd.append(mdd)
+            if other in stalled:
+                site += " (budget-limited)"
             if verdict.beyond_noise is None:
                 locals_["unknown"].append(site)
             elif not verdict.beyond_noise:
@@ -156,6 +218,9 @@ def comparison_lines(
             f"{values}, difference {fmt.signed(verdict.diff)}; {verdict.phrase()}."
         )
         line += _paper_sentence(task, "federated", other, verdict)
+        line += mdd_sentence(mdd)
+        if other == "single_node":
+            line += claim_sentence(mdd)
         if other == "federated_dp":
             low, high, where = paper.DP_AUC_DROP_POINTS
             if verdict.diff is not None:
@@ -165,6 +230,7 @@ def comparison_lines(
                 f" the paper reports that DP lowers AUC by {low:.1f}–{high:.1f} points ({where})."
             )
             line = line.replace(". the paper", ". The paper")
+        line += budget_sentence([c for c in ("federated", other) if c in stalled])
         lines.append(line)
     groups = [(k, v) for k, v in locals_.items() if v]
     if groups:
@@ -175,11 +241,18 @@ def comparison_lines(
             "unknown": "not judgeable against",
         }
         parts = [f"{words[k]} {', '.join(v)}" for k, v in groups]
-        lines.append(
+        line = (
             f"{task_label(task).capitalize()} — Federated vs the site-local models: "
-            f"{'; '.join(parts)} (DeLong p < {ALPHA} or non-overlapping 95% CIs count "
-            f"as beyond noise)."
+            f"{'; '.join(parts)} (beyond noise: p < {ALPHA} in the first recorded of DeLong, "
+            f"the paired bootstrap and the paired t-test, or else non-overlapping 95% CIs)."
         )
+        if local_mdd:
+            low, high = min(local_mdd), max(local_mdd)
+            span = f"{low:.3f}" if high - low < 5e-4 else f"{low:.3f}–{high:.3f}"
+            line += f" Smallest detectable differences (80% power): {span}."
+        if "federated" in stalled:
+            line += budget_sentence(["federated"])
+        lines.append(line)
     return lines
 
 
@@ -293,6 +366,58 @@ def efficiency_lines(efficiency: Mapping[str, Mapping[str, Any]] | None) -> list
     return [line]
 
 
+def convergence_lines(configs: Mapping[str, Mapping[str, Any]], tasks: list[str]) -> list[str]:
+    """First in the reading: which configurations did not converge (or that all did)."""
+    if not budgets.recorded(configs):
+        return [
+            "Convergence is not recorded (no 'training' entries in the metrics), so whether "
+            "the models had finished learning is unknown."
+        ]
+    stalled = [
+        f"{task_label(t)}: {', '.join(config_label(c) for c in names)}"
+        for t in tasks
+        if (names := budgets.not_converged(configs, t))
+    ]
+    if not stalled:
+        return [
+            "Every configuration converged: its validation AUROC had reached a plateau "
+            "before the training budget ran out (see Convergence and budgets)."
+        ]
+    return [
+        f"Not converged — {'; '.join(stalled)}. Their validation AUROC was still rising when "
+        f"the training budget ran out, so they show what that budget buys, not what the "
+        f"method can reach; every comparison involving them is marked budget-limited "
+        f"(see Convergence and budgets)."
+    ]
+
+
+def held_out_lines(data: ReportData) -> list[str]:
+    """The held-out test set's size: images, patients and positives, as recorded."""
+    configs = data.configs()
+    sizes = {t: test_set_size(configs, t) for t in data.tasks()}
+    test = ((data.partition or {}).get("sets") or {}).get("test") or {}
+    positives = {
+        k: int(v) for k, v in (test.get("positives") or {}).items() if fmt.number(v) is not None
+    }
+    if len(set(sizes.values())) == 1:
+        text = f"Test set (held out, every configuration): {next(iter(sizes.values()))}"
+    else:
+        text = "Test set (held out): " + "; ".join(
+            f"{task_label(t)}: {size}" for t, size in sizes.items()
+        )
+    if positives:
+        if "Pneumonia" in positives:
+            text += f"; {fmt.count(positives['Pneumonia'])} pneumonia-positive images"
+        rare = min(positives, key=lambda k: (positives[k], k))
+        common = max(positives, key=lambda k: (positives[k], k))
+        if "multilabel" in sizes and len(positives) > 1:
+            text += (
+                f"; positives per finding from {fmt.count(positives[rare])} ({rare}) to "
+                f"{fmt.count(positives[common])} ({common})"
+            )
+    return [text + "."] if sizes else []
+
+
 def reading(data: ReportData, context: RunContext) -> list[str]:
     """The reading: comparisons, level against the paper, plausible reasons, efficiency."""
     configs, comps = data.configs(), data.comparisons()
@@ -301,7 +426,8 @@ def reading(data: ReportData, context: RunContext) -> list[str]:
             f"No metrics were found ({data.paths.metrics} is absent or empty), so there is "
             f"nothing to read yet."
         ]
-    lines: list[str] = []
+    lines: list[str] = convergence_lines(configs, data.tasks())
+    lines += held_out_lines(data)
     short = False
     for task in data.tasks():
         lines += comparison_lines(task, configs, comps.get(task) or {})

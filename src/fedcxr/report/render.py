@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcxr.report import fmt, paper, tables
+from fedcxr.report import budgets, fmt, paper, tables
 from fedcxr.report.document import (
     AnyBlock,
     Bullets,
@@ -18,7 +18,13 @@ from fedcxr.report.document import (
     to_html,
     to_markdown,
 )
-from fedcxr.report.figures import epsilon_figure, roc_figure, training_figure
+from fedcxr.report.figures import (
+    epsilon_figure,
+    forest_figure,
+    learning_figure,
+    roc_figure,
+    training_figure,
+)
 from fedcxr.report.inputs import ReportData, ReportPaths, RunContext, load_inputs
 from fedcxr.report.reading import reading
 from fedcxr.report.tables import task_label
@@ -27,6 +33,8 @@ TITLE = "fedcxr — federated chest X-ray diagnosis: study report"
 SECTIONS: tuple[str, ...] = (
     "Run summary",
     "Reading the results",
+    "Learning curves",
+    "Convergence and budgets",
     "Table 1 — Classification performance",
     "Table 2 — Pneumonia sensitivity and specificity",
     "Table 3 — Training efficiency",
@@ -35,7 +43,7 @@ SECTIONS: tuple[str, ...] = (
     "De-identification",
     "Differential privacy: ε per site and round",
     "ROC curves",
-    "Training curves",
+    "Federated rounds per site",
     "Grad-CAM",
 )
 
@@ -86,6 +94,7 @@ def _summary(doc: _Doc, data: ReportData, context: RunContext) -> None:
             f"come from one cited table, fedcxr.report.paper."
         )
     )
+    _forest(doc, data)
     items = []
     source = context.data_source or (ingest.get("params") or {}).get("source")
     if source or ingest:
@@ -156,6 +165,23 @@ def _summary(doc: _Doc, data: ReportData, context: RunContext) -> None:
                 + "."
             )
         )
+
+
+def _forest(doc: _Doc, data: ReportData) -> None:
+    """The first figure: every configuration's test AUROC with its 95% CI, per task."""
+    configs, tasks = data.configs(), data.tasks()
+    png = forest_figure(configs, tasks)
+    if png is None:
+        return  # no AUROC at all: Table 1's section says what is missing
+    sizes = "; ".join(f"{task_label(t)}: {tables.test_set_size(configs, t)}" for t in tasks)
+    doc.figure(
+        "forest_auroc.png",
+        png,
+        f"Test AUROC of every configuration, point estimate and 95% CI ({sizes}); "
+        f"multi-label is the macro average over the findings. Dashed line, where present: "
+        f"the better of the centralized and single-node models. Configurations without "
+        f"metrics are not shown; Reading the results gives the paired tests.",
+    )
 
 
 def _plural(n: int, noun: str) -> str:
@@ -275,6 +301,30 @@ def _dp(doc: _Doc, data: ReportData, context: RunContext) -> None:
         return
     doc.add(table)
     doc.figure("epsilon.png", epsilon_figure(eps), "Cumulative ε per site over rounds")
+    kind = tables.recorded_accountant(data.federated)
+    if kind is not None:
+        doc.add(
+            Para(
+                f"ε computed by {tables.accountant_phrase(kind)}, as recorded in "
+                f"{data.paths.federated}."
+            )
+        )
+    elif context.dp_accountant is not None:
+        doc.add(
+            Para(
+                f"ε computed by {tables.accountant_phrase(context.dp_accountant)}, as set "
+                f"in params (dp.accountant: {context.dp_accountant}); the training summary "
+                f"does not record it."
+            )
+        )
+    else:
+        doc.add(
+            Note(
+                f"Which accountant computed ε is recorded neither in {data.paths.federated} "
+                f"nor in params (dp.accountant); Opacus's RDP and PRV accountants can "
+                f"differ twofold."
+            )
+        )
     sigma = context.dp_noise_multiplier
     if sigma is not None:
         doc.add(
@@ -308,6 +358,65 @@ def _roc(doc: _Doc, data: ReportData) -> None:
         )
 
 
+def _plateau_rule(configs: dict[str, dict[str, Any]]) -> str:
+    for per_task in configs.values():
+        for m in per_task.values():
+            t = m.get("training") or {}
+            if t.get("plateau_window") is not None and t.get("plateau_tol") is not None:
+                return (
+                    f" (its last {t['plateau_window']} evaluations gained at most "
+                    f"{t['plateau_tol']} over the best before them)"
+                )
+    return ""
+
+
+def _learning(doc: _Doc, data: ReportData) -> None:
+    """Every configuration's validation AUROC against cumulative local epochs, per task."""
+    png = learning_figure(data.learning, data.tasks())
+    if png is None:
+        doc.add(Note(f"No learning curves: {data.paths.curves} is absent or empty."))
+        return
+    doc.figure(
+        "learning_curves.png",
+        png,
+        "Learning curves: validation macro AUROC on the pooled validation splits of every "
+        "site against cumulative local epochs (passes over each training image), one panel "
+        "per task. Pooled and site-local runs are evaluated after every epoch, federated runs "
+        "after every round (at round × local epochs). One line per seed; a filled marker ends "
+        f"a run that converged{_plateau_rule(data.configs())}, a hollow marker on a dashed "
+        "line one that was still improving; site-local models in grey.",
+    )
+
+
+def _convergence(doc: _Doc, data: ReportData, context: RunContext) -> None:
+    """Per configuration: budget, best / final validation AUROC, converged; how steps differ."""
+    configs = data.configs()
+    if not budgets.recorded(configs):
+        doc.add(
+            Note(
+                f"No training records ('training' entries) in {data.paths.metrics}: budgets "
+                f"and convergence are unknown."
+            )
+        )
+        return
+    for task in data.tasks():
+        table = budgets.convergence_table(configs, task)
+        if table is not None:
+            doc.add(table)
+    items = [s for s in [budgets.budget_sentence(configs)] if s]
+    rounds = fmt.number((data.federated or {}).get("rounds")) or context.rounds
+    items += budgets.steps_lines(
+        configs,
+        data.partition,
+        context.batch_size,
+        None if rounds is None else int(rounds),
+        context.local_epochs,
+    )
+    items += [line for t in data.tasks() if (line := budgets.reach_line(configs, t))]
+    if items:
+        doc.add(Bullets(tuple(items)))
+
+
 def _training(doc: _Doc, data: ReportData) -> None:
     if not data.global_curves and not data.site_curves:
         doc.add(Note(f"No per-round curves: {data.paths.live_dir} is absent or empty."))
@@ -316,9 +425,9 @@ def _training(doc: _Doc, data: ReportData) -> None:
     doc.figure(
         "training_curves.png",
         training_figure(data.global_curves, data.site_curves),
-        f"Federated training over {rounds} rounds: the global model's validation AUROC "
+        f"One federation over {rounds} rounds (DVCLive): the global model's validation AUROC "
         f"and mean train loss, and each of {len(data.site_curves)} sites' train loss "
-        f"and validation AUROC (DVCLive)",
+        f"and validation AUROC on its own validation split",
     )
 
 
@@ -345,16 +454,18 @@ def build_document(
     sections: list[tuple[str, Any]] = [
         (SECTIONS[0], lambda: _summary(doc, data, context)),
         (SECTIONS[1], lambda: doc.add(Bullets(tuple(reading(data, context))))),
-        (SECTIONS[2], lambda: _table1(doc, data)),
-        (SECTIONS[3], lambda: _table2(doc, data)),
-        (SECTIONS[4], lambda: _table3(doc, data)),
-        (SECTIONS[5], lambda: _per_label(doc, data)),
-        (SECTIONS[6], lambda: _sites(doc, data)),
-        (SECTIONS[7], lambda: _deid(doc, data)),
-        (SECTIONS[8], lambda: _dp(doc, data, context)),
-        (SECTIONS[9], lambda: _roc(doc, data)),
-        (SECTIONS[10], lambda: _training(doc, data)),
-        (SECTIONS[11], lambda: _gradcam(doc, data)),
+        (SECTIONS[2], lambda: _learning(doc, data)),
+        (SECTIONS[3], lambda: _convergence(doc, data, context)),
+        (SECTIONS[4], lambda: _table1(doc, data)),
+        (SECTIONS[5], lambda: _table2(doc, data)),
+        (SECTIONS[6], lambda: _table3(doc, data)),
+        (SECTIONS[7], lambda: _per_label(doc, data)),
+        (SECTIONS[8], lambda: _sites(doc, data)),
+        (SECTIONS[9], lambda: _deid(doc, data)),
+        (SECTIONS[10], lambda: _dp(doc, data, context)),
+        (SECTIONS[11], lambda: _roc(doc, data)),
+        (SECTIONS[12], lambda: _training(doc, data)),
+        (SECTIONS[13], lambda: _gradcam(doc, data)),
     ]
     for heading, fill in sections:
         doc.add(Heading(heading))

@@ -387,3 +387,29 @@ def epsilon_table(epsilon: Mapping[str, Mapping[int, float]], delta: Any) -> Tab
         f" (δ = {d:g})" if d is not None else ""
     )
     return Table(tuple(["Round", *sites]), rows, caption)
+
+
+ACCOUNTANTS: dict[str, str] = {
+    "prv": "PRV accountant (privacy random variables: numerical composition, tight)",
+    "rdp": "RDP accountant (Rényi DP: an upper bound, looser than PRV)",
+}
+
+
+def recorded_accountant(federated: Mapping[str, Any] | None) -> str | None:
+    """The accountant a federation summary records ('accountant' or 'dp_accountant' at the top
+    or in any round's site metrics); None when it records none."""
+    federated = federated or {}
+    for key in ("accountant", "dp_accountant"):
+        if isinstance(federated.get(key), str):
+            return federated[key]
+    for record in federated.get("per_round") or []:
+        for site in (record.get("sites") or {}).values():
+            for key in ("accountant", "dp_accountant"):
+                if isinstance((site or {}).get(key), str):
+                    return site[key]
+    return None
+
+
+def accountant_phrase(kind: str) -> str:
+    """'Opacus's PRV accountant (...)' for a dp.accountant value."""
+    return f"Opacus's {ACCOUNTANTS.get(kind, f'{kind!r} accountant')}"
