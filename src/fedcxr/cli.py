@@ -11,6 +11,7 @@ import typer
 
 from fedcxr.config import ConfigError, Params, load_params, parse_params, resolve_world_size
 from fedcxr.plancost_cli import plan_cost
+from fedcxr.review import review
 from fedcxr.stageio import write_json
 
 app = typer.Typer(
@@ -139,6 +140,7 @@ def deid_check(
 
 
 app.command("plan-cost")(plan_cost)
+app.command("review")(review)  # the Markdown scripts/review.sh writes in CI
 
 
 @app.command("check-params")
