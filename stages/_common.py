@@ -28,9 +28,11 @@ def matrix_entry(params: Params, task: str, seed: int) -> Params:
 def pooled_spec(
     params: Params, sites: Path, out: Path, folders: list[Path] | None = None
 ) -> DDPSpec:
-    """A pooled-training spec over every site's train split (train.epochs epochs)."""
+    """A pooled-training spec over the train splits of `folders` (default: every site) for
+    train.epochs epochs, validated after each epoch on every site's validation split."""
+    every_site = [sites / name for name in find_sites(sites)]
     if folders is None:
-        folders = [sites / name for name in find_sites(sites)]
+        folders = every_site
     return DDPSpec(
         data=tuple(folders),
         out=out,
@@ -38,11 +40,13 @@ def pooled_spec(
         arch=params.model.arch,
         epochs=params.train.epochs,
         batch_size=params.train.batch_size,
-        lr=params.train.lr,
+        lr=float(params.train.lr),
+        lr_schedule=params.train.lr_schedule,
         image_size=params.train.image_size,
         seed=params.seed,
         augment=params.train.augment,
         num_workers=params.train.num_workers,
         pretrained=params.model.pretrained,
         compile=params.train.compile,
+        val_data=tuple(every_site),
     )

@@ -25,6 +25,7 @@ def main(
     efficiency: Annotated[Path, typer.Option(help="Where to write the costs (JSON).")],
     roc: Annotated[Path, typer.Option(help="Folder for the ROC curves: <task>/<config>.csv.")],
     figures: Annotated[Path, typer.Option(help="Folder for the Grad-CAM panels.")],
+    curves: Annotated[Path, typer.Option(help="Where to write every run's learning curve (JSON).")],
 ) -> None:
     """Every trained model on the held-out test set: AUROC with CIs, comparisons, costs."""
     device = pick_device()
@@ -38,11 +39,14 @@ def main(
         n_boot=params.evaluate.n_boot,
         threshold_rule=params.evaluate.threshold_rule,
         device=device,
+        plateau_window=params.study.plateau_window,
+        plateau_tol=params.study.plateau_tol,
     )
     for folder in (roc, figures):  # no curve or panel left over from a configuration now gone
         shutil.rmtree(folder, ignore_errors=True)
     write_json(metrics, result.metrics)
     write_json(efficiency, result.efficiency)
+    write_json(curves, result.curves)
     write_roc(result.roc, roc)
     figures.mkdir(parents=True, exist_ok=True)
     for task, plan in sorted(result.gradcam.items()):
@@ -55,7 +59,7 @@ def main(
             ci = "n/a" if lo is None or hi is None else f"{lo:.3f}-{hi:.3f}"
             print(
                 f"evaluate: {config}/{task}: AUROC {m['auroc_macro']:.3f} (95% CI {ci}), "
-                f"{m['n_seeds']} seed(s)"
+                f"{m['n_seeds']} seed(s), {m['training']['why']}"
             )
     print(f"evaluate: -> {metrics}, {efficiency}, {roc}, {figures}")
 

@@ -7,6 +7,7 @@ import shutil
 from _common import Out, Seed, Sites, Task, matrix_entry, pooled_spec
 
 from fedcxr.config import ConfigError, Params
+from fedcxr.convergence import CurvePoint
 from fedcxr.runs import CARD
 from fedcxr.stageio import stage_cli, write_json
 from fedcxr.train.ddp import METRICS, TIMINGS, check_world_size, launch_ddp, machine_world_size
@@ -37,6 +38,7 @@ def main(params: Params, task: Task, seed: Seed, sites: Sites, out: Out) -> None
         comm_kind="allreduce",
         world_size=world,
         n_train=int(metrics["train_examples"]),
+        curve=tuple(CurvePoint.from_json(p, str(out / METRICS)) for p in metrics["curve"]),
     )
     write_json(out / CARD, card.to_json())
     print(

@@ -16,12 +16,18 @@ from _common import Out, Seed, Sites, Task, matrix_entry
 from dvclive import Live
 
 from fedcxr.config import Params
+from fedcxr.convergence import CurvePoint
 from fedcxr.federation.records import RunResult, RunSummary
 from fedcxr.federation.runner import CHECKPOINT, run_federation, why_not_resumable
 from fedcxr.federation.summary import AUDIT
+from fedcxr.models import build_model, num_classes_for
 from fedcxr.runs import ARCHIVE, CARD, RunCard, in_dvc_cache, set_aside
 from fedcxr.sitedata import find_sites
 from fedcxr.stageio import stage_cli, write_json
+from fedcxr.train.loop import pick_device
+from fedcxr.train.validate import RoundCurve, Validator
+
+CURVE = "curve.json"  # round -> validation AUROC of that round's global model
 
 
 def _log_rounds(summary: RunSummary, live_dir: Path) -> None:
@@ -44,7 +50,9 @@ def _log_rounds(summary: RunSummary, live_dir: Path) -> None:
             live.next_step()
 
 
-def run_card(result: RunResult, params: Params, family: str) -> RunCard:
+def run_card(
+    result: RunResult, params: Params, family: str, curve: tuple[CurvePoint, ...] = ()
+) -> RunCard:
     """Table 3 figures of a federation: per-site epoch time, bytes on the wire, epsilon."""
     summary, seconds = result.summary, result.timings.epoch_seconds()
     last = summary.rounds[-1].sites if summary.rounds else {}
@@ -64,8 +72,27 @@ def run_card(result: RunResult, params: Params, family: str) -> RunCard:
         n_train=sum(o.n_k for o in last.values()),
         sites=summary.sites,
         epsilon={k: o.epsilon for k, o in last.items() if o.epsilon is not None},
-        extra={"rounds": params.fl.rounds, "local_epochs": params.fl.local_epochs},
+        extra={
+            "rounds": params.fl.rounds,
+            "local_epochs": params.fl.local_epochs,
+            # which accountant computed `epsilon` (prv and rdp differ twofold at one setting)
+            **({"dp_accountant": params.dp.accountant} if params.dp.enabled else {}),
+        },
+        curve=curve,
     )
+
+
+def round_curve(params: Params, sites: Path, out: Path) -> RoundCurve:
+    """Each round's global model validated on every site's validation split (the curve)."""
+    device = pick_device()
+    folders = [sites / name for name in find_sites(sites)]
+    validator = Validator(
+        folders, params.task, params.train.image_size, params.train.batch_size, device
+    )
+    model = build_model(
+        params.model.arch, num_classes_for(params.task), False, dp_safe=params.dp.enabled
+    ).to(device)
+    return RoundCurve(validator, model, out / CURVE)
 
 
 def clear_run(out: Path, family: str, tag: str, why: str) -> None:
@@ -122,8 +149,9 @@ def main(
         print(f"{family} {tag}: starting a new federation")
     elif (out / CHECKPOINT).exists():
         print(f"{family} {tag}: resuming an interrupted federation")
-    result = run_federation(params, sites, out, pki, resume=True)
-    card = run_card(result, params, family)
+    curve = round_curve(params, sites, out)
+    result = run_federation(params, sites, out, pki, resume=True, on_round=curve)
+    card = run_card(result, params, family, curve.points(params.fl.local_epochs))
     write_json(out / CARD, card.to_json())
     write_json(report, result.summary.to_json())  # no seconds: comparable between runs
     shutil.rmtree(live, ignore_errors=True)

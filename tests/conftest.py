@@ -23,6 +23,7 @@ def write_params(workdir: Path, nih_dir: Path, **sections: dict) -> Path:
         "ingest": {"max_bad_fraction": 0.0, "verify_md5": True, "workers": 1},
         "deid": {"on_violation": "fail"},
         "resize": {"size": 32, "shard_images": 4, "workers": 1},
+        "train": {"image_size": 32},  # <= resize.size, as every params file must have it
     }
     for name, values in sections.items():
         params[name] = {**params.get(name, {}), **values}

@@ -45,3 +45,18 @@ def commit_all(repo: Path) -> Path:
         )
         assert result.returncode == 0, f"git {args} failed:\n{result.stdout}\n{result.stderr}"
     return repo
+
+
+def tiny_params(n_images: int = 48) -> dict:
+    """repo_params() at the tiny size the end-to-end tests run: `n_images` synthetic images,
+    resized to 64 px in 16-image shards and trained at 32 px for 2 epochs (2 rounds); the
+    partition's sizes are taken as proportions of those images (partition.fit: scale)."""
+    params = repo_params()
+    params["data"]["synthetic"]["n_images"] = n_images
+    params["resize"]["size"] = 64
+    params["resize"]["shard_images"] = 16
+    params["train"]["image_size"] = 32  # must stay <= resize.size
+    params["train"]["epochs"] = 2  # a tiny, equal budget: 2 epochs = 2 rounds x 1 local epoch
+    params["fl"]["rounds"] = 2
+    params["partition"]["fit"] = "scale"
+    return params

@@ -317,3 +317,16 @@ def test_compile_is_refused_under_dp_naming_both_keys():
     assert parse_params({"train": {"compile": True}}).train.compile is True
     with pytest.raises(ConfigError, match=r"train\.compile: false with dp\.enabled: true"):
         parse_params({"train": {"compile": True}, "dp": {"enabled": True}})
+
+
+def test_train_lr_auto_resolves_per_architecture_and_explicit_rates_stay() -> None:
+    from fedcxr.config import ARCH_LR
+
+    assert Params().train.lr == ARCH_LR["smallcnn"] == 1e-3
+    for arch in ("resnet50", "densenet121"):
+        assert Params(model={"arch": arch}).train.lr == ARCH_LR[arch] == 1e-4
+    assert Params(train={"lr": 3e-4}).train.lr == 3e-4
+    with pytest.raises(ValueError, match="learning rate"):
+        Params(train={"lr": "fast"})
+    with pytest.raises(ValueError, match="learning rate"):
+        Params(train={"lr": -1.0})

@@ -163,8 +163,11 @@ def test_metrics_have_the_contract_keys(result: ev.Evaluation) -> None:
             continue
         for task, m in per_task.items():
             expected = {f"{k}{s}" for k in REPORTED for s in suffixes}
-            expected |= {"auroc", "n_seeds", "n_test_images", "n_test_patients"}
+            expected |= {"auroc", "n_seeds", "n_test_images", "n_test_patients", "training"}
             assert set(m) == expected, (config, task)
+            # These runs were written without learning curves: never called converged.
+            assert m["training"]["converged"] is False
+            assert "no defined validation AUROC" in m["training"]["why"]
             assert m["n_test_images"] == N_TEST and m["n_test_patients"] == 14
             assert m["n_seeds"] == (2 if task == "multilabel" else 1)
             assert list(m["auroc"]) == (list(FINDINGS) if task == "multilabel" else ["Pneumonia"])
@@ -585,9 +588,9 @@ def test_bootstrap_p_and_percentile_ci_edge_cases() -> None:
     }
 
 
-def test_gradcam_pick_prefers_positives_and_says_when_there_are_none() -> None:
+def test_gradcam_pick_prefers_confident_positives_and_says_when_there_are_none() -> None:
     rows, positive = ev.gradcam_pick(np.array([0, 1, 0, 1]), np.array([0.9, 0.1, 0.8, 0.2]))
-    assert positive and rows.tolist() == [1, 3]
+    assert positive and rows.tolist() == [3, 1]  # true positives, most confident first
     rows, positive = ev.gradcam_pick(np.zeros(8), np.arange(8.0), n=6)
     assert not positive and rows.tolist() == [7, 6, 5, 4, 3, 2]
 

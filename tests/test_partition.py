@@ -38,6 +38,15 @@ FULL_SIZES = {
 }
 
 
+# The paper's design at full scale (params.yaml's default is a 1/45 scale of it).
+FULL_SCALE = {"test_size": 10120, "site_sizes": (20000, 25000, 15000, 30000, 12000)}
+
+
+def full_scale(**keys: object) -> PartitionConfig:
+    """A PartitionConfig with the full-scale sizes (and `keys`)."""
+    return PartitionConfig(**{**FULL_SCALE, **keys})
+
+
 @pytest.fixture(scope="module")
 def full_meta() -> pd.DataFrame:
     meta, info = read_metadata(embedded_metadata_path())
@@ -49,7 +58,7 @@ def full_meta() -> pd.DataFrame:
 def reports(full_meta):
     out = {}
     for name in sorted(PARTITIONERS):
-        cfg = PartitionConfig(strategy=name, dirichlet_alpha=0.3)
+        cfg = full_scale(strategy=name, dirichlet_alpha=0.3)
         plan = plan_split(full_meta, cfg, seed=42)
         out[name] = (plan, split_report(full_meta, plan, cfg, 42))
     return out
@@ -134,7 +143,7 @@ def test_test_set_is_representative(reports, full_meta):
 
 def test_split_is_deterministic_and_ignores_id_spelling(full_meta):
     sample = full_meta.iloc[:3000].copy()
-    cfg = PartitionConfig()
+    cfg = full_scale()
     a = plan_split(sample, cfg, 7)
     b = plan_split(sample, cfg, 7)
     renamed = sample.assign(patient_id="p" + sample["patient_id"].str[::-1] + "x")
@@ -166,7 +175,7 @@ def test_split_plan_cli_on_full_metadata(tmp_path):
             "--out",
             str(out),
             "--params",
-            str(tmp_path / "absent.yaml"),
+            str(_full_scale_params(tmp_path)),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -205,7 +214,7 @@ def test_default_scaled_plan_is_the_one_made_before_partition_fit(
     """Digests of plans made by the code before partition.fit existed: the default (auto) keeps
     today's scaling on a subset byte for byte, so the pipeline's hashes stay valid."""
     sub = full_meta.iloc[:n].reset_index(drop=True)
-    cfg = PartitionConfig(strategy=strategy)
+    cfg = full_scale(strategy=strategy)
     plan = plan_split(sub, cfg, 42)
     assert plan.targets == targets and _digest(plan) == digest
     report = split_report(sub, plan, cfg, 42)
@@ -280,9 +289,16 @@ def _subset_csv(tmp_path, rows: int):
     return path
 
 
-def _split_plan(tmp_path, csv, **partition):
+def _full_scale_params(tmp_path, **partition):
+    """A params.yaml whose partition section has the full-scale sizes (and `partition`)."""
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"partition": partition}))
+    full = {"test_size": FULL_SCALE["test_size"], "site_sizes": list(FULL_SCALE["site_sizes"])}
+    params.write_text(yaml.safe_dump({"partition": {**full, **partition}}))
+    return params
+
+
+def _split_plan(tmp_path, csv, **partition):
+    params = _full_scale_params(tmp_path, **partition)
     out = tmp_path / "PLAN.json"
     args = ["split-plan", str(csv), "--out", str(out), "--params", str(params)]
     return CliRunner().invoke(app, args), out

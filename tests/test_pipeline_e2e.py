@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from dvcrepo import commit_all, pipeline_copy, repo_params
+from dvcrepo import commit_all, pipeline_copy, tiny_params
 
 DATA_STAGES = ("synthesize", "ingest", "deid", "resize", "partition")
 
@@ -39,12 +39,7 @@ def _lock_hashes(repo: Path) -> dict:
 
 @pytest.fixture
 def tiny_repo(tmp_path: Path) -> Path:
-    params = repo_params()
-    params["data"]["synthetic"]["n_images"] = 48
-    params["resize"]["size"] = 64
-    params["resize"]["shard_images"] = 16
-    params["train"]["image_size"] = 32  # must stay <= resize.size (the exp below sets 32)
-    return commit_all(pipeline_copy(tmp_path / "repo", params))
+    return commit_all(pipeline_copy(tmp_path / "repo", tiny_params(48)))
 
 
 def test_dvc_repro_data_stages_cached_and_byte_identical(tiny_repo: Path):

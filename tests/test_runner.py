@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 from fedsites import N_TRAIN, SITES, SIZE, audit_entries, make_sites
-from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -34,6 +33,7 @@ from fedcxr.federation.runner import run_federation
 from fedcxr.federation.site_trainer import PrivacyBudgetExhausted, SiteTrainer
 from fedcxr.labels import FINDINGS
 from fedcxr.models import build_model, num_classes_for
+from fedcxr.train import accounting
 from fedcxr.train.data import to_input
 from fedcxr.train.loop import load_plain_state_dict, plain_state_dict, seed_everything
 
@@ -144,18 +144,17 @@ def test_same_params_give_bit_identical_weights(plain_runs: list) -> None:
 
 
 def expected_epsilon(
-    n_train: int, batch_size: int, epochs: int, sigma: float, delta: float
+    n_train: int, batch_size: int, epochs: int, sigma: float, delta: float, kind: str
 ) -> float:
     """Epsilon of DP-SGD computed from the data sizes alone, with Opacus' conventions.
 
     Opacus' Poisson loader samples each example with probability q = 1 / (batches per epoch of
-    the plain loader) = 1 / ceil(n / B), and an epoch is ceil(n / B) steps; RDP composes
-    `epochs` x ceil(n / B) steps of the subsampled Gaussian mechanism with noise sigma.
+    the plain loader) = 1 / ceil(n / B), and an epoch is ceil(n / B) steps; accountant
+    `kind` (dp.accountant) composes `epochs` x ceil(n / B) steps of the subsampled Gaussian
+    mechanism with noise sigma.
     """
     batches = math.ceil(n_train / batch_size)
-    accountant = RDPAccountant()
-    accountant.history = [(sigma, 1.0 / batches, epochs * batches)]
-    return float(accountant.get_epsilon(delta))
+    return accounting.epsilon([(sigma, 1.0 / batches, epochs * batches)], delta, kind)
 
 
 @pytest.mark.slow  # a third federation (~35 s on 2 cores, mostly site-process start-up)
@@ -166,14 +165,17 @@ def test_dp_epsilon_composes_across_rounds(sites_dir: Path, pki_dir: Path, tmp_p
     batch, local_epochs = params.train.batch_size, params.fl.local_epochs
     assert (N_TRAIN, batch, local_epochs) == (16, 8, 1)  # q = 1/2, two steps per epoch
     want = [
-        expected_epsilon(N_TRAIN, batch, r * local_epochs, 1.0, params.dp.delta) for r in (1, 2)
+        expected_epsilon(N_TRAIN, batch, r * local_epochs, 1.0, params.dp.delta, "prv")
+        for r in (1, 2)
     ]
+    assert params.dp.accountant == "prv"  # the default
     assert 0 < want[0] < want[1]
     for site in SITES:
         metrics = [h["sites"][site]["metrics"] for h in history]
         assert [m["epsilon"] for m in metrics] == pytest.approx(want, rel=1e-9), site
         assert [m["steps"] for m in metrics] == [2 * local_epochs] * 2
         assert [m["sample_rate"] for m in metrics] == [0.5, 0.5]
+        assert [m["accountant"] for m in metrics] == ["prv", "prv"]
         assert [r.sites[site].epsilon for r in result.summary.rounds] == pytest.approx(want)
     events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     audited = {

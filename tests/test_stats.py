@@ -393,3 +393,13 @@ def test_mean_std_uses_sample_std() -> None:
     assert mean_std([0.83]) == (0.83, 0.0)
     with pytest.raises(ValueError, match="at least one"):
         mean_std([])
+
+
+def test_detectable_difference_is_2_8_standard_errors() -> None:
+    from fedcxr.evaluation.bootstrap import detectable_difference
+
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(0.01, 0.02, size=20_000)
+    # z_0.975 + z_0.8 = 1.960 + 0.842 = 2.802
+    assert detectable_difference(diffs) == pytest.approx(2.802 * 0.02, rel=0.02)
+    assert detectable_difference(np.full(10, np.nan)) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fedcxr.models import build_model
 from fedcxr.sitedata import INDEX_COLUMNS, SiteData
 from fedcxr.train import (
     XrayDataset,
+    accounting,
     evaluate_auroc,
     labels_for,
     load_plain_state_dict,
@@ -187,7 +189,7 @@ def test_pos_weight_is_negatives_over_positives_capped():
     assert pos_weight("pneumonia", rare).tolist() == [100.0]
     assert pos_weight("pneumonia", np.zeros((50, 1))).tolist() == [50.0]
     assert pos_weight("multilabel", np.ones((4, 14))) is None
-    setup = make_setup(build_model("smallcnn", 1), TrainConfig(), "pneumonia", labels, CPU)
+    setup = make_setup(build_model("smallcnn", 1), TrainConfig(lr=1e-3), "pneumonia", labels, CPU)
     assert setup.loss_fn.pos_weight.tolist() == pytest.approx([7 / 3])
 
 
@@ -264,7 +266,9 @@ def test_prox_center_must_match_the_model(site):
 
 def test_dp_epsilon_matches_a_fresh_rdp_accountant_and_grows(site):
     setup, loader = _setup(site, seed=2, dp_safe=True)
-    dp = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    dp = DPConfig(
+        enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp"
+    )
     setup, loader, engine = make_private(setup, loader, dp, epochs_total=2)
     steps, epsilons = 0, []
     for _ in range(2):
@@ -278,14 +282,16 @@ def test_dp_epsilon_matches_a_fresh_rdp_accountant_and_grows(site):
     assert isinstance(setup, TrainSetup) and setup.amp is False
 
 
-def test_target_epsilon_is_met_over_all_planned_epochs(site):
+@pytest.mark.parametrize("kind", ["prv", "rdp"])
+def test_target_epsilon_is_met_over_all_planned_epochs(site, kind):
     setup, loader = _setup(site, seed=3, dp_safe=True)
-    dp = DPConfig(enabled=True, target_epsilon=4.0, delta=1e-5)
+    dp = DPConfig(enabled=True, target_epsilon=4.0, delta=1e-5, accountant=kind)
     setup, loader, engine = make_private(setup, loader, dp, epochs_total=3)
+    assert engine.accountant.mechanism() == kind
     for _ in range(3):
         train_epoch(setup, loader)
-    epsilon = engine.get_epsilon(dp.delta)
-    assert epsilon <= 4.0 + 1e-3
+    epsilon = accounting.epsilon(engine.accountant.history, dp.delta, kind)
+    assert epsilon <= 4.0
     assert epsilon > 3.0  # calibrated for the whole run, not a much noisier guess
 
 
@@ -462,3 +468,22 @@ def test_train_compile_trains_through_the_compiled_forward_and_keeps_the_weights
         setup, make_loader(data, 16, shuffle=True), DPConfig(enabled=True), 1
     )
     assert private.compiled is None  # Opacus' hooks need the plain module
+
+
+def test_scheduled_lr_cosine_decays_from_base_towards_zero() -> None:
+    from fedcxr.train.loop import scheduled_lr
+
+    lrs = [scheduled_lr(1e-3, e, 10, "cosine") for e in range(10)]
+    assert lrs[0] == pytest.approx(1e-3)
+    assert lrs[5] == pytest.approx(5e-4)
+    assert all(a > b for a, b in itertools.pairwise(lrs)) and lrs[-1] < 0.03e-3
+    assert scheduled_lr(1e-3, 7, 10, "constant") == 1e-3
+    with pytest.raises(ValueError, match="epoch"):
+        scheduled_lr(1e-3, 10, 10, "cosine")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        scheduled_lr(1e-3, 0, 10, "step")
+
+
+def test_auto_lr_must_be_resolved_before_an_optimizer_is_built() -> None:
+    with pytest.raises(ValueError, match="ARCH_LR"):
+        make_setup(build_model("smallcnn", 1), TrainConfig(), "pneumonia", np.zeros((4, 1)), CPU)

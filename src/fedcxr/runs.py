@@ -27,6 +27,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from fedcxr.convergence import CurvePoint
 from fedcxr.stageio import atomic_path, unshare, write_text_atomic
 from fedcxr.tensorfile import MODEL, State, write_state_file
 
@@ -55,6 +56,9 @@ class RunCard:
     n_train: int
     sites: tuple[str, ...] = ()  # whose training data went in
     epsilon: dict[str, float] = field(default_factory=dict)  # per site, DP runs only
+    # The learning curve: validation AUROC on the pooled validation splits after each epoch
+    # (federated: each round), by cumulative local epochs.
+    curve: tuple[CurvePoint, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,6 +68,7 @@ class RunCard:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["sites"] = list(self.sites)
+        out["curve"] = [p.to_json() for p in self.curve]
         return out
 
     @classmethod
@@ -73,7 +78,8 @@ class RunCard:
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}")
         try:
-            return cls(**{**data, "sites": tuple(data.get("sites", ()))})
+            curve = tuple(CurvePoint.from_json(p, where) for p in data.get("curve", ()))
+            return cls(**{**data, "sites": tuple(data.get("sites", ())), "curve": curve})
         except TypeError as exc:
             raise ValueError(f"{where}: {exc}") from None
 

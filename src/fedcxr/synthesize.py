@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from fedcxr.config import SyntheticConfig
 from fedcxr.labels import FINDINGS
 from fedcxr.metadata import embedded_metadata_path, read_bboxes
 from fedcxr.parallel import pmap
 from fedcxr.partition import fill_exact
+from fedcxr.synth.png import encode_gray_png
 from fedcxr.synth.render import N_SCANNERS, RenderSpec, drawn_findings, render
 
 METADATA_NAME = "Data_Entry_2017.csv"
@@ -27,6 +27,23 @@ def stable_int(*parts: object) -> int:
     """A 63-bit integer from the parts, identical in every process (unlike hash())."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def first_visits(raw: pd.DataFrame, k: int | None) -> pd.DataFrame:
+    """Each patient's first k images by follow-up number (all of them when k is None).
+
+    NIH averages 3.6 images per patient and some patients have over 100; a test set's
+    confidence interval (patients are resampled whole) shrinks with the number of patients, so
+    the small embedded default keeps fewer follow-ups per patient and thus more patients.
+    """
+    if k is None:
+        return raw
+    if k < 1:
+        raise ValueError(f"expected max_per_patient >= 1 or null, found {k}")
+    order = raw.assign(_visit=pd.to_numeric(raw["Follow-up #"], errors="raise"))
+    order = order.sort_values(["Patient ID", "_visit", "Image Index"], kind="stable")
+    kept = order.groupby("Patient ID", sort=False).head(k).drop(columns="_visit")
+    return kept.sort_values("Image Index", kind="stable")
 
 
 def sample_by_patient(
@@ -100,8 +117,8 @@ class _Job:
 
 
 def _render_one(job: _Job) -> tuple[str, ...]:
-    pixels = render(job.spec, IMAGE_SIZE)
-    Image.fromarray(pixels, mode="L").save(job.path, format="PNG", compress_level=1)
+    # Our own encoder, not PIL's: its bytes do not depend on the machine's zlib (see synth.png).
+    Path(job.path).write_bytes(encode_gray_png(render(job.spec, IMAGE_SIZE)))
     return drawn_findings(job.spec)
 
 
@@ -115,7 +132,7 @@ def write_nih_csv(rows: pd.DataFrame, path: Path) -> None:
 def synthesize(out_dir: Path, cfg: SyntheticConfig, seed: int) -> dict:
     """Write an NIH-format folder (metadata CSV + 1024x1024 PNGs) and return its summary."""
     raw = pd.read_csv(embedded_metadata_path(), dtype=str, keep_default_na=False)
-    rows = sample_by_patient(raw, cfg.n_images, seed, cfg.enrich)
+    rows = sample_by_patient(first_visits(raw, cfg.max_per_patient), cfg.n_images, seed, cfg.enrich)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     images = out_dir / "images"

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import norm
 
 from fedcxr.evaluation.stats import FloatArray, IntArray, group_index, resample_rows
 
@@ -184,3 +185,18 @@ def bootstrap_p(diffs: np.ndarray) -> float | None:
         return None
     tail = min(int((d <= 0).sum()), int((d >= 0).sum()))
     return float(min(1.0, 2.0 * (1 + tail) / (1 + d.size)))
+
+
+def detectable_difference(
+    diffs: np.ndarray, alpha: float = ALPHA, power: float = 0.8
+) -> float | None:
+    """The smallest true difference a two-sided paired test at level alpha detects with the
+    given power: (z_(1-alpha/2) + z_power) x the bootstrap standard error of the paired
+    difference (normal approximation; None when fewer than half the replicates are defined).
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    finite = d[np.isfinite(d)]
+    if d.size == 0 or finite.size < max(d.size / 2, 2):
+        return None
+    z = float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
+    return z * float(finite.std(ddof=1))

@@ -21,6 +21,7 @@ from fedcxr.evaluation.bootstrap import (
     N_BOOT,
     auroc_plan,
     bootstrap_p,
+    detectable_difference,
     percentile_ci,
     replicate_metrics,
     replicate_weights,
@@ -187,6 +188,8 @@ def compare_configs(
         "auroc_diff_lo": lo,
         "auroc_diff_hi": hi,
         "bootstrap_p": bootstrap_p(diffs),
+        # the smallest difference this test set detects (paired, two-sided, 80% power)
+        "mdd_80": detectable_difference(diffs, alpha),
         "delong_z": None,
         "delong_p": None,
     }

@@ -34,6 +34,7 @@ from fedcxr.evaluation.compare import (
     evaluate_config,
 )
 from fedcxr.evaluation.stats import FloatArray, IntArray, choose_threshold
+from fedcxr.evaluation.training import curves_json, rounds_to_reach, training_entry
 from fedcxr.models import build_model, num_classes_for
 from fedcxr.runs import MODEL, RunCard, find_runs, read_card, read_run
 from fedcxr.sitedata import SiteData, find_sites
@@ -43,6 +44,8 @@ from fedcxr.train.loop import load_plain_state_dict, predict
 THRESHOLD_RULE = "youden"
 ROC_POINTS = 200
 GRADCAM_IMAGES = 6
+PLATEAU_WINDOW = 3  # study.plateau_window
+PLATEAU_TOL = 0.005  # study.plateau_tol
 
 
 # ---------------------------------------------------------------------------
@@ -146,13 +149,14 @@ def strict_json(data: Any) -> Any:
 def gradcam_pick(
     y_pneumonia: np.ndarray, p_pneumonia: np.ndarray, n: int = GRADCAM_IMAGES
 ) -> tuple[IntArray, bool]:
-    """(rows, positive): the first n pneumonia-positive test rows, or when there are none the
-    n highest-scoring rows (positive=False, so the panel can say so)."""
+    """(rows, positive): the model's n most confident true positives (pneumonia-positive test
+    rows, highest score first), or when there are none the n highest-scoring rows
+    (positive=False, so the panel can say so)."""
     y = np.asarray(y_pneumonia)
-    positives = np.flatnonzero(y == 1)
+    order = np.argsort(-np.asarray(p_pneumonia, dtype=np.float64), kind="stable")
+    positives = order[y[order] == 1]
     if positives.size:
         return positives[:n].astype(np.int64), True
-    order = np.argsort(-np.asarray(p_pneumonia, dtype=np.float64), kind="stable")
     return order[:n].astype(np.int64), False
 
 
@@ -165,7 +169,8 @@ def gradcam_pick(
 class GradcamPlan:
     """Which model and test images one task's Grad-CAM panel shows."""
 
-    folder: Path  # run folder of the federated model (first seed)
+    folder: Path  # run folder of the task's best model by test AUROC (first seed)
+    config: str
     rows: IntArray  # rows of the test split (positions in the test dataset)
     titles: tuple[str, ...]
     target_class: int  # output column of Pneumonia
@@ -180,6 +185,7 @@ class Evaluation:
     roc: dict[str, dict[str, tuple[FloatArray, FloatArray]]]  # task -> config -> (fpr, tpr)
     gradcam: dict[str, GradcamPlan] = field(default_factory=dict)  # task -> plan
     thresholds: dict[str, Any] = field(default_factory=dict)  # config -> task -> seed -> list
+    curves: dict[str, Any] = field(default_factory=dict)  # task -> curves_json(...)
 
 
 def collect_runs(models: Path) -> dict[tuple[str, str], list[tuple[RunCard, Path]]]:
@@ -303,9 +309,13 @@ def evaluate_all(
     threshold_rule: str = THRESHOLD_RULE,
     alpha: float = ALPHA,
     device: torch.device | None = None,
+    plateau_window: int = PLATEAU_WINDOW,
+    plateau_tol: float = PLATEAU_TOL,
 ) -> Evaluation:
     """Predict every run under `models` on the test split of `test_dir`, choose thresholds on
-    validation splits under `sites_dir`, and compute metrics, comparisons, efficiency, ROC."""
+    validation splits under `sites_dir`, and compute metrics, comparisons, efficiency, ROC,
+    and from the run cards' learning curves whether each configuration converged
+    (`plateau_window` evaluations gaining at most `plateau_tol`)."""
     grouped = collect_runs(models)
     if not grouped:
         raise FileNotFoundError(
@@ -318,6 +328,7 @@ def evaluate_all(
     test_index = test.index.iloc[test.rows("test")]
     groups = test_index["patient_id"].to_numpy()
     result = Evaluation(metrics={}, efficiency={}, roc={})
+    best_score: dict[str, float] = {}  # task -> test AUROC of the Grad-CAM model
     for task in TASKS:
         names = label_columns(task)
         if not any(len(np.unique(test_index[name].to_numpy())) == 2 for name in names):
@@ -345,23 +356,37 @@ def evaluate_all(
                 )
             except ValueError as exc:
                 raise ValueError(f"{config}/{task} on {test_dir}: {exc}") from None
-            result.metrics.setdefault(config, {})[task] = configs[config].metrics
+            result.metrics.setdefault(config, {})[task] = {
+                **configs[config].metrics,
+                "training": training_entry([c for c, _ in runs], plateau_window, plateau_tol),
+            }
             result.efficiency.setdefault(config, {})[task] = efficiency_entry([c for c, _ in runs])
             result.roc.setdefault(task, {})[config] = roc_points(Y, configs[config].mean_probs)
-            if config == "federated":
-                result.gradcam[task] = _gradcam_plan(runs[0][1], seed_runs[0], Y, names, test_index)
+            best = result.gradcam.get(task)
+            score = configs[config].metrics["auroc_macro"]
+            if score is not None and (best is None or score > best_score[task]):
+                best_score[task] = score
+                plan = _gradcam_plan(runs[0][1], config, seed_runs[0], Y, names, test_index)
+                result.gradcam[task] = plan
+        cards = {c: [card for card, _ in r] for (t, c), r in grouped.items() if t == task}
+        result.curves[task] = curves_json(cards, plateau_window, plateau_tol)
+        if "federated" in configs and "centralized" in cards:
+            reach = rounds_to_reach(cards["federated"], cards["centralized"])
+            result.metrics["federated"][task]["training"].update(reach)
         if configs:
             result.metrics.setdefault("comparisons", {})[task] = {
                 f"{a}_vs_{b}": compare_configs(configs[a], configs[b], Y, names, alpha)
                 for a, b in comparison_pairs(configs)
             }
     result.metrics = strict_json(result.metrics)
+    result.curves = strict_json(result.curves)
     result.efficiency = strict_json(result.efficiency)
     return result
 
 
 def _gradcam_plan(
     folder: Path,
+    config: str,
     seed_run: SeedRun,
     Y: np.ndarray,
     names: Sequence[str],
@@ -371,14 +396,15 @@ def _gradcam_plan(
     rows, positive = gradcam_pick(Y[:, k], seed_run.probs[:, k])
     ids = test_index["image_id"].to_numpy()
     note = "" if positive else "\ntop score; no positive in test set"
-    titles = tuple(f"{ids[r]} p={seed_run.probs[r, k]:.2f}{note}" for r in rows.tolist())
-    return GradcamPlan(folder, rows, titles, k)
+    titles = tuple(f"{config}: {ids[r]} p={seed_run.probs[r, k]:.2f}{note}" for r in rows.tolist())
+    return GradcamPlan(folder, config, rows, titles, k)
 
 
 def write_gradcam(
     plan: GradcamPlan, test_dir: Path, out_png: Path, device: torch.device | None = None
 ) -> None:
-    """Render one task's Grad-CAM panel (the federated model on the chosen test images)."""
+    """Render one task's Grad-CAM panel (the task's best model on its confident true
+    positives)."""
     from fedcxr.report.gradcam import gradcam_panel
 
     model, card = load_model(plan.folder, device or torch.device("cpu"))

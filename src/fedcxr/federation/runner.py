@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedcxr.federation.records import RunResult
 from fedcxr.federation.resume import resuming
 from fedcxr.federation.server import run_aggregator, serve
 from fedcxr.federation.state import FederationState
+from fedcxr.federation.strategies import ServerOpt, get_strategy
 from fedcxr.federation.summary import AUDIT, summarize
 from fedcxr.models import build_model, num_classes_for
 from fedcxr.sitedata import find_sites
@@ -42,6 +44,14 @@ JOIN_TIMEOUT_S = 600.0
 
 
 # ---------------------------------------------------------------------- aggregator side
+
+
+def server_opt(params: Params) -> ServerOpt:
+    """The server optimizer settings of fl.strategy from fl.server_* (server_lr auto resolved)."""
+    fl = params.fl
+    return get_strategy(fl.strategy).server_opt(
+        fl.server_lr, fl.server_momentum, fl.server_beta1, fl.server_beta2, fl.server_tau
+    )
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -105,8 +115,12 @@ def prepare_federation(
     *,
     resume: bool,
     hosts: tuple[str, ...] = (),
+    on_round: Callable[[int, State], None] | None = None,
 ) -> tuple[FederationState, Path]:
-    """PKI, resolved params, initial model, audit log and FederationState; (state, params file)."""
+    """PKI, resolved params, initial model, audit log and FederationState; (state, params file).
+
+    `on_round(round, new global state)` runs as each round closes (after its checkpoint).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT
     continuing = resuming(checkpoint, resume)
@@ -126,7 +140,7 @@ def prepare_federation(
     audit = AuditLog(out_dir / AUDIT)
     holder: dict[str, FederationState] = {}
 
-    def audit_dp(rnd: int, _state: State) -> None:
+    def round_closed(rnd: int, state: State) -> None:
         for site, outcome in holder["state"].history[-1].sites.items():
             if outcome.epsilon is not None:
                 audit.append(
@@ -135,6 +149,8 @@ def prepare_federation(
                     site=site,
                     **{k: outcome.metrics[k] for k in ev.EVENT_FIELDS[ev.DP_ACCOUNTING][2:]},
                 )
+        if on_round is not None:
+            on_round(rnd, state)
 
     state = FederationState(
         plain_state_dict(model),
@@ -145,7 +161,8 @@ def prepare_federation(
         audit=audit,
         checkpoint=checkpoint,
         resume=resume,
-        on_round_completed=audit_dp,
+        on_round_completed=round_closed,
+        server_opt=server_opt(params),
     )
     holder["state"] = state
     return state, params_file
@@ -177,6 +194,7 @@ def run_federation(
     poll_s: float = 2.0,
     grace_s: float = 5.0,
     join_timeout_s: float | None = None,
+    on_round: Callable[[int, State], None] | None = None,
 ) -> RunResult:
     """Aggregator in this process, one `fedcxr site run` process per site folder; the result.
 
@@ -185,13 +203,20 @@ def run_federation(
     runs past fl.round_timeout_s from its start, or sites that have not joined within
     `join_timeout_s` (default: max(fl.round_timeout_s, JOIN_TIMEOUT_S)) stop the federation
     (all site processes killed) with a FederationError naming the round and the silent sites.
+    `on_round(round, new global state)` runs in this process as each round closes.
     """
     if join_timeout_s is None:
         join_timeout_s = max(float(params.fl.round_timeout_s), JOIN_TIMEOUT_S)
     started = time.monotonic()
     sites = find_sites(sites_dir)
     state, params_file = prepare_federation(
-        params, sites, out_dir, pki_dir, resume=resume, hosts=_server_hosts(params.fl.host)
+        params,
+        sites,
+        out_dir,
+        pki_dir,
+        resume=resume,
+        hosts=_server_hosts(params.fl.host),
+        on_round=on_round,
     )
     if state.finished:
         return summarize(state, out_dir, time.monotonic() - started)

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
 
 from fedcxr.config import Params
 from fedcxr.federation.pki import TlsBundle, load_bundle, verify_chain
@@ -22,6 +21,7 @@ from fedcxr.models import build_model, num_classes_for
 from fedcxr.sitedata import INDEX, SiteData
 from fedcxr.stageio import write_json
 from fedcxr.tensorfile import State
+from fedcxr.train import accounting
 from fedcxr.train.data import XrayDataset, loader_workers, make_loader
 from fedcxr.train.loop import (
     evaluate_auroc,
@@ -31,7 +31,9 @@ from fedcxr.train.loop import (
     pick_device,
     plain_state_dict,
     predict,
+    scheduled_lr,
     seed_everything,
+    set_lr,
     threads_per_process,
     train_epoch,
 )
@@ -63,7 +65,9 @@ class SiteTrainer:
 
     Holds the site's data, model, optimizer and (with dp.enabled) ONE Opacus PrivacyEngine for
     the whole run, its noise calibrated for fl.rounds x fl.local_epochs epochs, so epsilon
-    composes across rounds.
+    composes across rounds. Every epsilon (reported, projected, calibrated) is computed from
+    the accountant's history by dp.accountant (fedcxr.train.accounting), which each
+    round's metrics name.
 
     Each round is a function of (site seed, round, global weights) only: it starts with fresh
     Adam moments, the torch/numpy/python RNGs and the loader's sampling generator reseeded from
@@ -93,6 +97,7 @@ class SiteTrainer:
         device: torch.device | None = None,
     ) -> None:
         get_strategy(params.fl.strategy)  # fail fast on a bad name
+        self.accountant_kind = accounting.check_kind(params.dp.accountant)
         self.folder = Path(folder)
         self.name = self.folder.name
         self.params = params
@@ -146,13 +151,21 @@ class SiteTrainer:
                 int(rnd): [(float(nm), float(sr), int(n)) for nm, sr, n in history]
                 for rnd, history in saved["by_round"].items()
             }
+            kind = saved.get("accountant", "rdp")  # files before dp.accountant: rdp
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(
                 f"{path}: not a saved accountant history ({exc}); expected "
                 '{"site": ..., "by_round": {"<round>": [[noise, sample_rate, steps], ...]}}'
             ) from None
         self._spent = spent
-        log.info("%s: restored DP accountant (rounds %s) from %s", self.name, sorted(spent), path)
+        log.info(
+            "%s: restored DP accountant history (rounds %s, saved under %s, read by %s) from %s",
+            self.name,
+            sorted(spent),
+            kind,  # the history is the same for every kind: only epsilon's computation differs
+            self.accountant_kind,
+            path,
+        )
 
     def _save_accountant(self, rnd: int) -> None:
         if self.engine is None:
@@ -163,7 +176,9 @@ class SiteTrainer:
         if path is None:
             return
         by_round = {str(r): [list(h) for h in hist] for r, hist in sorted(self._spent.items())}
-        write_json(path, {"site": self.name, "by_round": by_round})
+        write_json(
+            path, {"site": self.name, "accountant": self.accountant_kind, "by_round": by_round}
+        )
 
     def _history_before(self, rnd: int) -> list[tuple[float, float, int]]:
         """The accountant's history that round `rnd` starts from (see the class docstring)."""
@@ -201,12 +216,16 @@ class SiteTrainer:
         if self.engine is None:
             raise ValueError("projected_epsilon needs dp.enabled")
         steps = len(self.train_loader) * self.params.fl.local_epochs
-        accountant = RDPAccountant()
-        accountant.history = [
-            *self.engine.accountant.history,
-            (self.noise_multiplier, self.sample_rate, steps),
-        ]
-        return float(accountant.get_epsilon(self.params.dp.delta))
+        planned = (self.noise_multiplier, self.sample_rate, steps)
+        return self.epsilon([*self.engine.accountant.history, planned])
+
+    def epsilon(self, history: list[tuple[float, float, int]] | None = None) -> float:
+        """Epsilon at dp.delta of `history` (default: the accountant's), by dp.accountant."""
+        if self.engine is None:
+            raise ValueError("epsilon needs dp.enabled")
+        if history is None:
+            history = self.engine.accountant.history
+        return accounting.epsilon(history, self.params.dp.delta, self.accountant_kind)
 
     # ------------------------------------------------------------------ one round
 
@@ -250,10 +269,18 @@ class SiteTrainer:
                 )
         load_plain_state_dict(self.setup.model, global_state)
         center = global_state if self.prox_mu > 0 else None
-        stats = [
-            train_epoch(self.setup, self.train_loader, prox_center=center, prox_mu=self.prox_mu)
-            for _ in range(self.params.fl.local_epochs)
-        ]
+        stats = []
+        local, train = self.params.fl.local_epochs, self.params.train
+        for j in range(local):
+            # The run's learning-rate schedule by cumulative local epoch, as pooled runs have it.
+            epoch, total = (rnd - 1) * local + j, self.params.fl.rounds * local
+            set_lr(
+                self.setup.optimizer,
+                scheduled_lr(float(train.lr), min(epoch, total - 1), total, train.lr_schedule),
+            )
+            stats.append(
+                train_epoch(self.setup, self.train_loader, prox_center=center, prox_mu=self.prox_mu)
+            )
         examples = sum(s.examples for s in stats)
         loss = sum(s.loss * s.examples for s in stats) / max(examples, 1)
         metrics: dict[str, Any] = {
@@ -265,7 +292,8 @@ class SiteTrainer:
         if self.engine is not None:
             delta = self.params.dp.delta
             metrics.update(
-                epsilon=float(self.engine.get_epsilon(delta)),
+                epsilon=self.epsilon(),
+                accountant=self.accountant_kind,
                 delta=delta,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.params.dp.max_grad_norm,

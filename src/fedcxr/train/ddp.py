@@ -43,11 +43,14 @@ from fedcxr.train.loop import (
     make_setup,
     pick_device,
     plain_state_dict,
+    scheduled_lr,
     seed_everything,
+    set_lr,
     threads_per_process,
     train_epoch,
 )
 from fedcxr.train.sampler import GlobalBatchSampler
+from fedcxr.train.validate import spec_validator
 
 WORKER_MODULE = "fedcxr.train.ddp_worker"
 METRICS = "metrics.json"  # deterministic: loss, steps, bytes (safe for `dvc metrics diff`)
@@ -196,8 +199,13 @@ def _train(spec: DDPSpec, env: DistEnv, device: torch.device, backend: str) -> d
     ddp_setup = replace(setup, model=ddp)
     epochs: list[dict[str, Any]] = []
     bytes_before = 0.0
+    # Rank 0 validates after each epoch (the learning curve); the others wait at the next
+    # all-reduce, so the curve costs the ranks the same wall time but no extra traffic.
+    validate = spec_validator(spec, device) if env.rank == 0 else None
     for _ in range(spec.epochs):
         set_loader_epoch(loader, ddp_setup.epochs_done)
+        lr = scheduled_lr(spec.lr, ddp_setup.epochs_done, spec.epochs, spec.lr_schedule)
+        set_lr(ddp_setup.optimizer, lr)
         stats = train_epoch(ddp_setup, loader)
         loss_sum, examples, bytes_total = _reduce(
             [stats.loss * stats.examples, stats.examples, counter.bytes], device, dist.ReduceOp.SUM
@@ -211,6 +219,7 @@ def _train(spec: DDPSpec, env: DistEnv, device: torch.device, backend: str) -> d
                 "steps": stats.steps,
                 "allreduce_bytes": int(bytes_total - bytes_before),
                 "seconds": seconds,
+                "val_auroc": validate(ddp.module) if validate is not None else None,
             }
         )
         bytes_before = bytes_total
@@ -231,6 +240,7 @@ def _train(spec: DDPSpec, env: DistEnv, device: torch.device, backend: str) -> d
         "epochs": epochs,
         "steps": sum(e["steps"] for e in epochs),
         "final_loss": epochs[-1]["loss"],
+        "curve": [[e["epoch"], e["val_auroc"]] for e in epochs] if spec.val_data else [],
         "allreduce_bytes": int(bytes_before),
         "allreduce_bytes_per_rank": counter.bytes,
         "allreduce_calls_per_rank": counter.calls,

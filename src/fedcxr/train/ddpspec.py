@@ -27,6 +27,7 @@ class DDPSpec:
     epochs: int = 2
     batch_size: int = 32  # the GLOBAL batch; each of W ranks trains on batch_size / W
     lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     image_size: int = 128
     seed: int = 42
     augment: bool = True
@@ -34,6 +35,9 @@ class DDPSpec:
     dp_safe: bool = False  # GroupNorm instead of BatchNorm (needed for exact DDP == 1 process)
     pretrained: bool = False
     compile: bool = False  # torch.compile the forward (train.compile)
+    # Site folders whose validation splits, pooled, are evaluated after every epoch (the
+    # learning curve); empty: no curve. Every configuration of the study uses all the sites.
+    val_data: tuple[Path, ...] = ()
 
     # How the JSON file is read: unknown keys, a value of the wrong JSON type, NaN or Infinity
     # are refused (pydantic validates against the field types; __post_init__ runs after).
@@ -44,6 +48,7 @@ class DDPSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", tuple(Path(d) for d in self.data))
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "val_data", tuple(Path(d) for d in self.val_data))
         if not self.data:
             raise ValueError("expected at least one site folder in data, found none")
         if len(set(self.data)) != len(self.data):
@@ -59,6 +64,7 @@ class DDPSpec:
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             lr=float(self.lr),
+            lr_schedule=self.lr_schedule,
             batch_size=self.batch_size,
             image_size=self.image_size,
             epochs=self.epochs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,11 +22,11 @@ from tqdm import tqdm
 from fedcxr.config import DPConfig, TrainConfig
 from fedcxr.labels import FINDINGS
 from fedcxr.parallel import available_cores
+from fedcxr.train import accounting
 from fedcxr.train.augment import model_input
 from fedcxr.train.data import pos_weight
 
 ADAM_BETAS = (0.9, 0.999)
-ACCOUNTANT = "rdp"  # Opacus' RDP accountant (matches Google's dp-accounting; see DESIGN.md)
 OPACUS_PREFIX = "_module."
 
 
@@ -146,10 +147,33 @@ def make_setup(
         model = model.to(memory_format=torch.channels_last)
     weight = pos_weight(task, labels)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if weight is None else weight.to(device))
+    if cfg.lr == "auto":
+        raise ValueError(
+            "train.lr is 'auto': it resolves to the architecture's rate (config.ARCH_LR) when "
+            "params are loaded; pass a number to TrainConfig built by hand"
+        )
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
     # The compiled forward shares the model's parameters: weights are read from `model`.
     compiled = torch.compile(model) if cfg.compile else None
     return TrainSetup(model, optimizer, loss_fn, device, amp, compiled=compiled)
+
+
+def scheduled_lr(base: float, epoch: int, total: int, schedule: str) -> float:
+    """The learning rate of 0-based epoch `epoch` of `total`: `constant` keeps `base`; `cosine`
+    decays it as base * (1 + cos(pi * epoch / total)) / 2, from base at epoch 0 towards 0."""
+    if not 0 <= epoch < total:
+        raise ValueError(f"expected 0 <= epoch < total, found epoch {epoch} of {total}")
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * epoch / total))
+    raise ValueError(f"unknown train.lr_schedule {schedule!r}; expected constant or cosine")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (Opacus' DPOptimizer shares its groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -314,9 +338,11 @@ def make_private(
 ) -> tuple[TrainSetup, DataLoader, PrivacyEngine]:
     """Wrap model, optimizer and loader for DP-SGD; returns (setup, Poisson loader, engine).
 
-    Call once per run and keep the engine: its accountant composes every step, so
-    engine.get_epsilon(dp.delta) is the run's epsilon so far. With dp.target_epsilon the
-    noise is calibrated for `epochs_total` epochs (all rounds x local epochs), not one.
+    Call once per run and keep the engine: its accountant (dp.accountant) records every step,
+    so accounting.epsilon(engine.accountant.history, dp.delta, dp.accountant) is the run's
+    epsilon so far (engine.get_epsilon uses Opacus' coarser default PRV error). With
+    dp.target_epsilon the noise is calibrated by accounting.noise_multiplier for
+    `epochs_total` epochs (all rounds x local epochs), not one.
     """
     if epochs_total < 1:
         raise ValueError(f"expected epochs_total >= 1, found {epochs_total}")
@@ -328,7 +354,7 @@ def make_private(
             "build_model(..., dp_safe=True) or make_dp_safe(model)"
         )
     model = setup.model.to(memory_format=torch.contiguous_format)
-    engine = PrivacyEngine(accountant=ACCOUNTANT)
+    engine = PrivacyEngine(accountant=accounting.check_kind(dp_cfg.accountant))
     common = {
         "module": model,
         "optimizer": setup.optimizer,
@@ -337,17 +363,18 @@ def make_private(
         "poisson_sampling": True,
         "grad_sample_mode": "hooks",
     }
+    noise = dp_cfg.noise_multiplier
     if dp_cfg.target_epsilon is not None:
-        model, optimizer, private_loader = engine.make_private_with_epsilon(
-            target_epsilon=dp_cfg.target_epsilon,
-            target_delta=dp_cfg.delta,
-            epochs=epochs_total,
-            **common,
+        # Opacus' Poisson loader: rate 1 / len(loader), int(1 / rate) steps an epoch.
+        sample_rate = 1 / len(loader)
+        noise = accounting.noise_multiplier(
+            dp_cfg.target_epsilon,
+            dp_cfg.delta,
+            sample_rate,
+            epochs_total * int(1 / sample_rate),
+            dp_cfg.accountant,
         )
-    else:
-        model, optimizer, private_loader = engine.make_private(
-            noise_multiplier=dp_cfg.noise_multiplier, **common
-        )
+    model, optimizer, private_loader = engine.make_private(noise_multiplier=noise, **common)
     private = replace(setup, model=model, optimizer=optimizer, amp=False, compiled=None)
     return private, private_loader, engine
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fedcxr.convergence import CurvePoint
 from fedcxr.runs import RunCard, write_run
 from fedcxr.train.ddp import make_pooled_setup, make_rank_loader, set_loader_epoch
 from fedcxr.train.ddpspec import DDPSpec
-from fedcxr.train.loop import pick_device, plain_state_dict, train_epoch
+from fedcxr.train.loop import pick_device, plain_state_dict, scheduled_lr, set_lr, train_epoch
+from fedcxr.train.validate import spec_validator
 
 
 def spec_card(
@@ -21,6 +23,7 @@ def spec_card(
     comm_kind: str,
     world_size: int,
     n_train: int,
+    curve: tuple[CurvePoint, ...] = (),
 ) -> RunCard:
     """The run card of a pooled (one process or DDP) run of `spec`."""
     return RunCard(
@@ -38,6 +41,7 @@ def spec_card(
         world_size=world_size,
         n_train=n_train,
         sites=tuple(Path(f).name for f in spec.data),
+        curve=curve,
     )
 
 
@@ -51,13 +55,21 @@ def train_pooled(spec: DDPSpec, config: str, *, progress: bool = True) -> RunCar
     device = pick_device()
     dataset, setup = make_pooled_setup(spec, device)
     loader = make_rank_loader(dataset, spec, 0, 1)
+    validate = spec_validator(spec, device)
     seconds = []
+    curve: list[CurvePoint] = []
     for _ in range(spec.epochs):
         set_loader_epoch(loader, setup.epochs_done)
+        lr = scheduled_lr(spec.lr, setup.epochs_done, spec.epochs, spec.lr_schedule)
+        set_lr(setup.optimizer, lr)
         stats = train_epoch(setup, loader, progress=progress)
         seconds.append(stats.seconds)
+        val = ""
+        if validate is not None:
+            curve.append(CurvePoint(setup.epochs_done, validate(setup.model)))
+            val = f" val AUROC {curve[-1].val_auroc}"
         print(
-            f"[{config}] epoch {setup.epochs_done}/{spec.epochs} loss {stats.loss:.4f} "
+            f"[{config}] epoch {setup.epochs_done}/{spec.epochs} loss {stats.loss:.4f}{val} "
             f"({stats.seconds:.1f}s)",
             flush=True,
         )
@@ -70,6 +82,7 @@ def train_pooled(spec: DDPSpec, config: str, *, progress: bool = True) -> RunCar
         comm_kind="none",
         world_size=1,
         n_train=len(dataset),
+        curve=tuple(curve),
     )
     write_run(spec.out, plain_state_dict(setup.model), card)
     return card
