@@ -116,3 +116,29 @@ def test_round_curve_keeps_its_points_across_a_restart(tmp_path) -> None:
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"curve\.json"):
         RoundCurve(validator, model, path)
+
+
+def test_runs_side_by_side_equal_runs_one_at_a_time(tmp_path) -> None:
+    from fedsites import SITES, make_sites
+    from safetensors.torch import load_file
+
+    from fedcxr.train.ddpspec import DDPSpec
+    from fedcxr.train.pooled import train_pooled_many
+
+    root = make_sites(tmp_path / "sites")
+
+    def jobs(out: str) -> list:
+        return [
+            (DDPSpec(data=(root / s,), out=tmp_path / out / s, task="pneumonia", epochs=2,
+                     batch_size=8, image_size=32, augment=False), f"local_{s}")
+            for s in SITES[:2]
+        ]  # fmt: skip
+
+    parallel = train_pooled_many(jobs("two"), workers=2)
+    serial = train_pooled_many(jobs("one"), workers=1, threads=1)  # the threads of each of two
+    assert [c.config for c in parallel] == [f"local_{s}" for s in SITES[:2]]
+    for s in SITES[:2]:
+        a = load_file(str(tmp_path / "two" / s / "model.safetensors"))
+        b = load_file(str(tmp_path / "one" / s / "model.safetensors"))
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert [c.n_train for c in parallel] == [c.n_train for c in serial]

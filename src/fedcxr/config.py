@@ -195,7 +195,7 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     batch_size: int = Field(32, gt=0)
     image_size: int = Field(64, ge=8, le=4096)  # must be <= resize.size (checked in Params)
-    epochs: int = Field(10, gt=0)  # pooled training epochs; keep = fl.rounds x fl.local_epochs
+    epochs: int = Field(20, gt=0)  # pooled training epochs; keep = fl.rounds x fl.local_epochs
     # Processes of the centralized DDP baseline: auto = one per CUDA GPU (2 on CPU), or a count
     # (at most the GPU count on CUDA; checked by check-params and the stage, resolve_world_size).
     ddp_world_size: int | Literal["auto"] = "auto"
@@ -259,7 +259,7 @@ class DPConfig(_Section):
 
 
 class FLConfig(_Section):
-    rounds: int = Field(10, gt=0)
+    rounds: int = Field(20, gt=0)
     local_epochs: int = Field(1, gt=0)
     # A name in fedcxr.federation.strategies.STRATEGIES: fedavg | fedprox | fedavgm | fedadam |
     # fedyogi (the last three: server optimizers after Reddi et al., ICLR 2021).

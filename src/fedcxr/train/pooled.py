@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedcxr.convergence import CurvePoint
+from fedcxr.parallel import n_workers, pmap
 from fedcxr.runs import RunCard, write_run
 from fedcxr.train.ddp import make_pooled_setup, make_rank_loader, set_loader_epoch
 from fedcxr.train.ddpspec import DDPSpec
-from fedcxr.train.loop import pick_device, plain_state_dict, scheduled_lr, set_lr, train_epoch
+from fedcxr.train.loop import (
+    pick_device,
+    plain_state_dict,
+    scheduled_lr,
+    set_lr,
+    threads_per_process,
+    train_epoch,
+)
 from fedcxr.train.validate import spec_validator
 
 
@@ -45,14 +54,16 @@ def spec_card(
     )
 
 
-def train_pooled(spec: DDPSpec, config: str, *, progress: bool = True) -> RunCard:
+def train_pooled(
+    spec: DDPSpec, config: str, *, progress: bool = True, threads: int | None = None
+) -> RunCard:
     """Train on the pooled train splits of spec.data; write model + run card to spec.out.
 
     Batches come from the same global-batch sampler as the DDP baseline with one rank, so
     single-node training is the W=1 case of centralized training, step for step.
     """
     start = time.perf_counter()
-    device = pick_device()
+    device = pick_device(threads)
     dataset, setup = make_pooled_setup(spec, device)
     loader = make_rank_loader(dataset, spec, 0, 1)
     validate = spec_validator(spec, device)
@@ -86,3 +97,29 @@ def train_pooled(spec: DDPSpec, config: str, *, progress: bool = True) -> RunCar
     )
     write_run(spec.out, plain_state_dict(setup.model), card)
     return card
+
+
+def _train_one(job: tuple[DDPSpec, str, int]) -> RunCard:
+    spec, config, threads = job
+    return train_pooled(spec, config, progress=False, threads=threads)
+
+
+def train_pooled_many(
+    jobs: Sequence[tuple[DDPSpec, str]], workers: int = 0, threads: int | None = None
+) -> list[RunCard]:
+    """train_pooled for each (spec, config), `workers` at a time (0: one per core), each with
+    `threads` torch threads (default: its share of the cores). Every run seeds itself, so a
+    model depends on its own thread count (CPU kernels sum in thread-dependent order), not on
+    which runs share the machine; the cards come back in `jobs` order."""
+    workers = min(n_workers(workers), max(1, len(jobs)))
+    threads = threads if threads is not None else threads_per_process(workers)
+    return list(
+        pmap(
+            _train_one,
+            [(spec, config, threads) for spec, config in jobs],
+            total=len(jobs),
+            workers=workers,
+            desc="runs",
+            chunksize=1,
+        )
+    )
