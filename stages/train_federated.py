@@ -34,8 +34,10 @@ def _log_rounds(summary: RunSummary, live_dir: Path) -> None:
     """Per-round curves through DVCLive (declared in the root dvc.yaml; dvcyaml=False)."""
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
         for record in summary.rounds:
-            live.log_metric("val_auroc", record.val_auroc)
-            live.log_metric("train_loss", record.train_loss)
+            # None when undefined (e.g. no site's validation split holds a positive): no point.
+            for key, value in (("val_auroc", record.val_auroc), ("train_loss", record.train_loss)):
+                if value is not None:
+                    live.log_metric(key, value)
             for site, o in record.sites.items():
                 values = {
                     "val_auroc": o.val_auroc,

@@ -72,7 +72,13 @@ def tiny_params(folder: Path, fl: dict[str, Any] | None = None, **dp: Any) -> Pa
         "seed": 7,
         "resize": {"size": SIZE},
         "model": {"arch": "smallcnn"},
-        "train": {"image_size": SIZE, "batch_size": 8, "augment": False, "lr": 1e-3},
+        "train": {
+            "image_size": SIZE,
+            "batch_size": 8,
+            "augment": False,
+            "lr": 1e-3,
+            "lr_schedule": "constant",  # two rounds: the second not halved by a decay
+        },
         "fl": {"rounds": 2, "local_epochs": 1, **(fl or {})},
         "dp": {"enabled": bool(dp), **dp},
     }
