@@ -362,9 +362,8 @@ def evaluate_all(
             }
             result.efficiency.setdefault(config, {})[task] = efficiency_entry([c for c, _ in runs])
             result.roc.setdefault(task, {})[config] = roc_points(Y, configs[config].mean_probs)
-            best = result.gradcam.get(task)
             score = configs[config].metrics["auroc_macro"]
-            if score is not None and (best is None or score > best_score[task]):
+            if score is not None and score > best_score.get(task, -math.inf):
                 best_score[task] = score
                 plan = _gradcam_plan(runs[0][1], config, seed_runs[0], Y, names, test_index)
                 result.gradcam[task] = plan
